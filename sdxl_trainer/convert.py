@@ -1,0 +1,401 @@
+"""Export an SDXL diffusers pipeline as one `.safetensors` file in the original (SGM) key layout.
+
+The original layout is Stability's generative-models one, which ComfyUI, Automatic1111/Forge and
+diffusers' `from_single_file` read: the UNet under `model.diffusion_model.`, the VAE under
+`first_stage_model.`, CLIP ViT-L (HF layout) under `conditioner.embedders.0.transformer.` and OpenCLIP
+bigG under `conditioner.embedders.1.model.`. The key mapping is tables and pure functions over state
+dicts; only `save_single_file` touches files. The UNet and VAE block indices are computed from the
+model's own keys (levels, layers per block, which levels have attention), so SDXL base and the tiny test
+model go through the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_ENCODER_PREFIX = "conditioner.embedders.0.transformer."
+TEXT_ENCODER_2_PREFIX = "conditioner.embedders.1.model."
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+# Module names, diffusers -> original. Parameter names (weight/bias) are never changed.
+UNET_TOP_LEVEL = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+UNET_RESNET_LAYERS = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+VAE_TOP_LEVEL = {
+    "encoder.conv_in": "encoder.conv_in",
+    "encoder.conv_norm_out": "encoder.norm_out",
+    "encoder.conv_out": "encoder.conv_out",
+    "decoder.conv_in": "decoder.conv_in",
+    "decoder.conv_norm_out": "decoder.norm_out",
+    "decoder.conv_out": "decoder.conv_out",
+    "quant_conv": "quant_conv",
+    "post_quant_conv": "post_quant_conv",
+}
+VAE_RESNET_LAYERS = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "conv_shortcut": "nin_shortcut",
+}
+VAE_ATTENTION_LAYERS = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+TEXT_ENCODER_2_TOP_LEVEL = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+    "text_projection.weight": "text_projection",
+}
+TEXT_ENCODER_2_LAYER_PARTS = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+# OpenCLIP stores one packed input projection per layer, in this order.
+QKV_ORDER = ("q_proj", "k_proj", "v_proj")
+
+_UNET_BLOCK = re.compile(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)")
+_UNET_MID = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)")
+_VAE_BLOCK = re.compile(r"(encoder\.down|decoder\.up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)")
+_VAE_MID = re.compile(r"(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.+)")
+_TE2_LAYER = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
+
+
+class ConversionError(ValueError):
+    """Input that cannot be converted; the message starts with the flag or argument to fix."""
+
+
+def _rename_module(rest: str, table: Mapping[str, str], what: str) -> str:
+    """`rest` is `module.param`; map the module through `table` (an unknown module is an error, not a drop)."""
+    module, _, param = rest.rpartition(".")
+    if module not in table:
+        raise ConversionError(f"unknown {what} parameter {rest!r}: this is not an SDXL-shaped model")
+    return f"{table[module]}.{param}"
+
+
+def unet_layers_per_block(keys: list[str]) -> int:
+    """Resnets per down level, read from the keys (SDXL: 2; up levels always hold one more)."""
+    down = {int(m[4]) for k in keys if (m := _UNET_BLOCK.match(k)) and m[1] == "down" and m[3] == "resnets"}
+    up = {int(m[4]) for k in keys if (m := _UNET_BLOCK.match(k)) and m[1] == "up" and m[3] == "resnets"}
+    if not down or max(up, default=-1) != max(down) + 1:
+        raise ConversionError("the UNet's down and up blocks do not have the layout of an SDXL UNet")
+    return max(down) + 1
+
+
+def _unet_block_name(side: str, level: int, kind: str, index: int, rest: str, per_level: int, slot: int) -> str:
+    """Name of one parameter of `{side}_blocks.{level}.{kind}.{index}.{rest}` in the original layout."""
+    if side == "down":
+        position = 1 + level * per_level + index  # input block 0 is conv_in
+        if kind == "resnets":
+            return f"input_blocks.{position}.0.{_rename_module(rest, UNET_RESNET_LAYERS, 'UNet resnet')}"
+        if kind == "attentions":
+            return f"input_blocks.{position}.1.{rest}"
+        if kind == "downsamplers" and index == 0:  # a block of its own after the level's resnets
+            return f"input_blocks.{(level + 1) * per_level}.0.{_rename_module(rest, {'conv': 'op'}, 'UNet')}"
+    else:
+        position = level * per_level + index
+        if kind == "resnets":
+            return f"output_blocks.{position}.0.{_rename_module(rest, UNET_RESNET_LAYERS, 'UNet resnet')}"
+        if kind == "attentions":
+            return f"output_blocks.{position}.1.{rest}"
+        if kind == "upsamplers" and index == 0:  # inside the level's last block, after its attention if any
+            return f"output_blocks.{level * per_level + per_level - 1}.{slot}.{rest}"
+    raise ConversionError(f"unknown UNet parameter {side}_blocks.{level}.{kind}.{index}.{rest}")
+
+
+def convert_unet_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers UNet2DConditionModel -> `model.diffusion_model.*` (tensors are passed through unchanged).
+
+    In the original layout each down level is `layers_per_block` input blocks plus one downsampler block
+    and each up level is `layers_per_block + 1` output blocks, the last also holding the upsampler.
+    Transformer internals have the same names in both layouts.
+    """
+    keys = list(sd)
+    per_level = unet_layers_per_block(keys) + 1
+    up_with_attention = {
+        int(m[2]) for k in keys if (m := _UNET_BLOCK.match(k)) and m[1] == "up" and m[3] == "attentions"
+    }
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in sd.items():
+        if block := _UNET_BLOCK.match(key):
+            level = int(block[2])
+            slot = 2 if level in up_with_attention else 1
+            name = _unet_block_name(block[1], level, block[3], int(block[4]), block[5], per_level, slot)
+        elif mid := _UNET_MID.match(key):
+            kind, index, rest = mid[1], int(mid[2]), mid[3]
+            if kind == "resnets":  # middle_block is resnet, attention, resnet
+                name = f"middle_block.{2 * index}.{_rename_module(rest, UNET_RESNET_LAYERS, 'UNet resnet')}"
+            elif index == 0:
+                name = f"middle_block.1.{rest}"
+            else:
+                raise ConversionError(f"unknown UNet parameter {key!r}")
+        else:
+            name = _rename_module(key, UNET_TOP_LEVEL, "UNet")
+        out[UNET_PREFIX + name] = tensor
+    return out
+
+
+def convert_vae_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderKL -> `first_stage_model.*`.
+
+    The decoder's levels are numbered from the bottom in the original (`up.3` is diffusers' `up_blocks.0`),
+    and the mid-block attention projections are 1x1 convolutions there, so (out, in) becomes (out, in, 1, 1).
+    """
+    up_levels = {int(m[2]) for k in sd if (m := _VAE_BLOCK.match(k)) and m[1] == "decoder.up"}
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in sd.items():
+        if block := _VAE_BLOCK.match(key):
+            part, level, kind, index, rest = block[1], int(block[2]), block[3], int(block[4]), block[5]
+            if part == "decoder.up":
+                level = max(up_levels) - level
+            stem = part.replace("_blocks", "")  # encoder.down / decoder.up
+            if kind == "resnets":
+                name = f"{stem}.{level}.block.{index}.{_rename_module(rest, VAE_RESNET_LAYERS, 'VAE resnet')}"
+            elif (kind, part) in {("downsamplers", "encoder.down"), ("upsamplers", "decoder.up")} and index == 0:
+                name = f"{stem}.{level}.{kind[:-2]}.{rest}"  # downsample / upsample
+            else:
+                raise ConversionError(f"unknown VAE parameter {key!r}")
+        elif mid := _VAE_MID.match(key):
+            half, kind, index, rest = mid[1], mid[2], int(mid[3]), mid[4]
+            if kind == "resnets":
+                name = f"{half}.mid.block_{index + 1}.{_rename_module(rest, VAE_RESNET_LAYERS, 'VAE resnet')}"
+            elif index == 0:
+                name = f"{half}.mid.attn_1.{_rename_module(rest, VAE_ATTENTION_LAYERS, 'VAE attention')}"
+                if tensor.ndim == 2 and not name.endswith(".norm.weight"):
+                    tensor = tensor.reshape(*tensor.shape, 1, 1)
+            else:
+                raise ConversionError(f"unknown VAE parameter {key!r}")
+        else:
+            name = _rename_module(key, VAE_TOP_LEVEL, "VAE")
+        out[VAE_PREFIX + name] = tensor
+    return out
+
+
+def _with_text_model(key: str) -> str:
+    # transformers 5 saves CLIPTextModel without its `text_model.` wrapper; the original layout keeps it.
+    return key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key
+
+
+def convert_text_encoder_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CLIP ViT-L (transformers CLIPTextModel) -> `conditioner.embedders.0.transformer.text_model.*`."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in sd.items():
+        if key.endswith("position_ids"):  # a 0..76 index buffer every loader rebuilds, not a weight
+            continue
+        name = _with_text_model(key)
+        if not name.startswith(
+            ("text_model.embeddings.", "text_model.encoder.layers.", "text_model.final_layer_norm.")
+        ):
+            raise ConversionError(f"unknown text encoder parameter {key!r}: expected a CLIPTextModel")
+        out[TEXT_ENCODER_PREFIX + name] = tensor
+    return out
+
+
+def convert_text_encoder_2_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OpenCLIP bigG (transformers CLIPTextModelWithProjection) -> `conditioner.embedders.1.model.*`.
+
+    q/k/v are packed into one `in_proj_weight`/`in_proj_bias` per layer and the projection is stored
+    transposed (OpenCLIP computes `x @ text_projection`).
+    """
+    out: dict[str, torch.Tensor] = {}
+    packed: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in sd.items():
+        if key.endswith("position_ids"):
+            continue
+        name = _with_text_model(key)
+        if layer := _TE2_LAYER.match(name):
+            index, module, param = int(layer[1]), layer[2], layer[3]
+            if module.startswith("self_attn.") and module.removeprefix("self_attn.") in QKV_ORDER:
+                packed.setdefault((index, param), {})[module.removeprefix("self_attn.")] = tensor
+                continue
+            part = _rename_module(f"{module}.{param}", TEXT_ENCODER_2_LAYER_PARTS, "text encoder 2")
+            new = f"transformer.resblocks.{index}.{part}"
+        elif name == "text_projection.weight":
+            new, tensor = TEXT_ENCODER_2_TOP_LEVEL[name], tensor.T.contiguous()
+        elif name in TEXT_ENCODER_2_TOP_LEVEL:
+            new = TEXT_ENCODER_2_TOP_LEVEL[name]
+        else:
+            raise ConversionError(f"unknown text encoder 2 parameter {key!r}: expected a CLIPTextModelWithProjection")
+        out[TEXT_ENCODER_2_PREFIX + new] = tensor
+    for (index, param), parts in sorted(packed.items()):
+        missing = [p for p in QKV_ORDER if p not in parts]
+        if missing:
+            raise ConversionError(f"text encoder 2 layer {index} lacks {', '.join(missing)} {param}")
+        packed_name = f"transformer.resblocks.{index}.attn.in_proj_{param}"
+        out[TEXT_ENCODER_2_PREFIX + packed_name] = torch.cat([parts[p] for p in QKV_ORDER], dim=0)
+    if TEXT_ENCODER_2_PREFIX + "text_projection" not in out:
+        raise ConversionError("text encoder 2 has no text_projection: expected a CLIPTextModelWithProjection")
+    return out
+
+
+def convert_pipeline_state_dicts(
+    unet: Mapping[str, torch.Tensor],
+    vae: Mapping[str, torch.Tensor],
+    text_encoder: Mapping[str, torch.Tensor],
+    text_encoder_2: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The four parts as one flat original-layout state dict (the prefixes keep them apart)."""
+    return {
+        **convert_unet_state_dict(unet),
+        **convert_vae_state_dict(vae),
+        **convert_text_encoder_state_dict(text_encoder),
+        **convert_text_encoder_2_state_dict(text_encoder_2),
+    }
+
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_dtype(dtype: torch.dtype | str) -> tuple[str, torch.dtype]:
+    """('fp16', torch.float16) from 'fp16', 'float16', 'half' or torch.float16."""
+    aliases = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
+    for name, value in DTYPES.items():
+        if dtype == value or aliases.get(str(dtype), str(dtype)) == name:
+            return name, value
+    raise ConversionError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+def cast_floating(sd: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating-point tensors in `dtype`; integer tensors (none in SDXL weights) left alone."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+# ---- I/O at the edge -------------------------------------------------------------------------------------
+
+
+def _pick(files: list[Path], where: Path) -> Path | None:
+    """The non-variant file when there is one (`model.safetensors` over `model.fp16.safetensors`), else the only one."""
+    plain = [f for f in files if f.name.count(".") == 1 or f.name.endswith(".safetensors.index.json")]
+    if plain or len(files) <= 1:
+        return (plain or files or [None])[0]
+    raise ConversionError(f"--model_path: {where} holds several weight variants ({', '.join(f.name for f in files)})")
+
+
+def find_weight_files(part_dir: Path) -> list[Path]:
+    """The weight files of one pipeline part: a sharded safetensors set, one safetensors file or a `.bin`."""
+    index = _pick(sorted(part_dir.glob("*.safetensors.index*.json")), part_dir)
+    if index is not None:
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return [part_dir / shard for shard in shards]
+    for pattern in ("*.safetensors", "*.bin"):
+        found = _pick(sorted(part_dir.glob(pattern)), part_dir)
+        if found is not None:
+            return [found]
+    raise ConversionError(f"--model_path: {part_dir} holds no weights (*.safetensors or *.bin)")
+
+
+def load_part_state_dict(part_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Read one part's weights on CPU, casting each tensor as it is read (keeps peak memory at the output size)."""
+    from safetensors import safe_open
+
+    sd: dict[str, torch.Tensor] = {}
+    for file in find_weight_files(part_dir):
+        if file.suffix == ".bin":  # old pipelines; weights_only refuses to run pickled code
+            sd.update(cast_floating(torch.load(file, map_location="cpu", weights_only=True, mmap=True), dtype))
+            continue
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                tensor = f.get_tensor(key)
+                sd[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return sd
+
+
+def check_sdxl_pipeline_dir(pipeline_dir: Path) -> None:
+    """Raise ConversionError naming --model_path unless the folder is a diffusers SDXL (base-style) pipeline."""
+    if not pipeline_dir.is_dir():
+        raise ConversionError(f"--model_path: {pipeline_dir} is not a folder (expected a diffusers SDXL pipeline)")
+    index_file = pipeline_dir / "model_index.json"
+    if not index_file.is_file():
+        raise ConversionError(
+            f"--model_path: {pipeline_dir} has no model_index.json, so it is not a diffusers pipeline"
+        )
+    index = json.loads(index_file.read_text(encoding="utf-8"))
+    missing = [p for p in PIPELINE_PARTS if not (index.get(p) or [None])[0] or not (pipeline_dir / p).is_dir()]
+    if missing:
+        raise ConversionError(
+            f"--model_path: {pipeline_dir} ({index.get('_class_name', 'unknown')}) lacks {', '.join(missing)}; "
+            "an SDXL base-style pipeline has unet, vae, text_encoder and text_encoder_2 (SD 1.x/2.x have one text "
+            "encoder, the SDXL refiner has no text_encoder)"
+        )
+    unet_config = json.loads((pipeline_dir / "unet" / "config.json").read_text(encoding="utf-8"))
+    if unet_config.get("addition_embed_type") != "text_time":
+        raise ConversionError(f"--model_path: the UNet in {pipeline_dir} is not an SDXL UNet (no text_time embedding)")
+
+
+def single_file_metadata(pipeline_dir: Path, dtype_name: str) -> dict[str, str]:
+    """Provenance stored in the file's header. Only the folder's name, so a shared file reveals no local paths."""
+    from sdxl_trainer import __version__
+
+    return {
+        "format": "pt",
+        "source": pipeline_dir.resolve().name,
+        "dtype": dtype_name,
+        "sdxl_trainer_version": __version__,
+        # Stability's model-spec keys, which UIs read to recognise the architecture.
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+    }
+
+
+def save_single_file(
+    pipeline_dir: str | os.PathLike,
+    out_path: str | os.PathLike,
+    dtype: torch.dtype | str = "fp16",
+    overwrite: bool = False,
+) -> Path:
+    """Write the pipeline's UNet, VAE and both text encoders as one original-layout `.safetensors` file.
+
+    Written to a temporary file in the target folder and renamed into place, so a killed run never leaves a
+    truncated checkpoint. Raises ConversionError (naming the flag) for a folder that is not an SDXL
+    pipeline, an existing output without `overwrite`, or an output name not ending in `.safetensors`.
+    """
+    from safetensors.torch import save_file
+
+    pipeline_dir, out_path = Path(pipeline_dir), Path(out_path)
+    dtype_name, torch_dtype = parse_dtype(dtype)
+    if out_path.suffix != ".safetensors":
+        raise ConversionError(f"--checkpoint_path: {out_path} must end in .safetensors (the only format written)")
+    if out_path.is_dir():
+        raise ConversionError(f"--checkpoint_path: {out_path} is a folder; give a file name ending in .safetensors")
+    if out_path.exists() and not overwrite:
+        raise ConversionError(f"--checkpoint_path: {out_path} exists; pass --overwrite to replace it")
+    check_sdxl_pipeline_dir(pipeline_dir)
+    parts = {part: load_part_state_dict(pipeline_dir / part, torch_dtype) for part in PIPELINE_PARTS}
+    sd = convert_pipeline_state_dicts(**parts)
+    del parts
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    os.close(fd)
+    try:
+        save_file(sd, tmp_name, metadata=single_file_metadata(pipeline_dir, dtype_name))
+        os.replace(tmp_name, out_path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return out_path
