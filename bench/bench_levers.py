@@ -1,0 +1,251 @@
+"""Measure the speed levers of SDXL UNet training on one GPU, one at a time, in one run.
+
+Full-size random-weight SDXL UNet, 1024 px (128x128 latents), random inputs, no data loading: this isolates
+the step itself. Every configuration shards the UNet with FSDP2 on a 1-GPU mesh (fp32 master weights, bf16
+compute through MixedPrecisionPolicy, fp32 reduction), as the trainer does, except the first, which is the
+original trainer's recipe (fp32 weights, fp16 autocast, gradient checkpointing, bitsandbytes AdamW8bit).
+Prints one JSON line per configuration (images/s, peak GiB, share of the 38.5 images/s ceiling, ratio to the
+original's recipe measured in the same run).
+
+    python bench/bench_levers.py [--only name1,name2] [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+CEILING_IMAGES_PER_S = 38.5  # performance.md: 20.62 TFLOP per image at the measured 793 TFLOP/s bf16 matmul rate
+
+SDXL_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+)
+
+
+def random_batch(batch_size: int, resolution_px: int = 1024, channels_last: bool = False):
+    side = resolution_px // 8
+    latents = torch.randn(batch_size, 4, side, side, device="cuda")
+    if channels_last:
+        latents = latents.contiguous(memory_format=torch.channels_last)
+    return dict(
+        latents=latents,
+        timesteps=torch.randint(0, 1000, (batch_size,), device="cuda"),
+        context=torch.randn(batch_size, 77, 2048, device="cuda"),
+        pooled=torch.randn(batch_size, 1280, device="cuda"),
+        time_ids=torch.tensor(
+            [[resolution_px, resolution_px, 0, 0, resolution_px, resolution_px]] * batch_size,
+            device="cuda",
+            dtype=torch.float32,
+        ),
+    )
+
+
+class LocalShardAdamW8bit:
+    """bitsandbytes AdamW8bit over each rank's local shards (bnb cannot step DTensors)."""
+
+    def __init__(self, params, lr: float):
+        import bitsandbytes as bnb
+
+        self.params = [p for p in params if p.requires_grad]
+        self.local = [torch.nn.Parameter(p.to_local() if hasattr(p, "to_local") else p.data) for p in self.params]
+        self.inner = bnb.optim.AdamW8bit(self.local, lr=lr)
+
+    def step(self):
+        for p, local in zip(self.params, self.local, strict=True):
+            local.grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        self.inner.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for p, local in zip(self.params, self.local, strict=True):
+            p.grad = None
+            local.grad = None
+
+
+def init_single_gpu_group():
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        dist.init_process_group("nccl", rank=0, world_size=1)
+
+
+def build_unet(fsdp: bool, checkpointing: bool, channels_last: bool, compile_blocks: bool, cpu_offload: bool = False):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("cuda"):
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    unet.train()
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    if channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        init_single_gpu_group()
+        mesh = init_device_mesh("cuda", (1,))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+        for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+            if compile_blocks:
+                block.compile()
+            fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload)
+        fully_shard(unet, mesh=mesh, mp_policy=mp, offload_policy=offload)
+    return unet
+
+
+def build_optimizer(name: str, unet):
+    if name == "bnb8bit_plain":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(unet.parameters(), lr=1e-6)
+    if name == "bnb8bit_local":
+        return LocalShardAdamW8bit(unet.parameters(), lr=1e-6)
+    if name == "adamw_fused":
+        return torch.optim.AdamW(unet.parameters(), lr=1e-6, fused=True)
+    return torch.optim.AdamW(unet.parameters(), lr=1e-6, foreach=True)
+
+
+def run(cfg: dict, steps: int, baseline: float | None, memory_cap_gib: float | None = None) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    if memory_cap_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(memory_cap_gib * 2**30 / total)
+    result = dict(name=cfg["name"], batch=cfg["batch"])
+    unet = opt = None
+    try:
+        unet = build_unet(
+            cfg["fsdp"],
+            cfg["ckpt"],
+            cfg.get("channels_last", False),
+            cfg.get("compile", False),
+            cfg.get("offload", False),
+        )
+        opt = build_optimizer(cfg["optim"], unet)
+        autocast = cfg.get("autocast")
+
+        def step():
+            b = random_batch(cfg["batch"], channels_last=cfg.get("channels_last", False))
+            with torch.autocast("cuda", dtype=autocast, enabled=autocast is not None):
+                out = unet(
+                    b["latents"],
+                    b["timesteps"],
+                    b["context"],
+                    added_cond_kwargs={"text_embeds": b["pooled"], "time_ids": b["time_ids"]},
+                ).sample
+            loss = torch.nn.functional.mse_loss(out.float(), b["latents"].float())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        t_warm = time.perf_counter()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        result["warmup_s"] = round(time.perf_counter() - t_warm, 1)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        images_per_s = cfg["batch"] * steps / (time.perf_counter() - t0)
+        result.update(
+            images_per_s=round(images_per_s, 2),
+            peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
+            share_of_ceiling=round(images_per_s / CEILING_IMAGES_PER_S, 3),
+        )
+        if baseline:
+            result["ratio_to_original_recipe"] = round(images_per_s / baseline, 2)
+    except Exception as exc:  # noqa: BLE001 - a failing lever is a result, not a crash of the whole bench
+        result["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    finally:
+        unet = opt = None  # noqa: F841 - drop the references before emptying the cache
+        if memory_cap_gib:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    print(json.dumps(result), flush=True)
+    return result
+
+
+CONFIGS = [
+    dict(
+        name="original_recipe_fp32w_fp16amp_ckpt_bnb8bit",
+        batch=8,
+        fsdp=False,
+        ckpt=True,
+        optim="bnb8bit_plain",
+        autocast=torch.float16,
+    ),
+    dict(name="fsdp2_bf16mp_foreach", batch=8, fsdp=True, ckpt=False, optim="adamw_foreach"),
+    dict(name="fsdp2_bf16mp_fused", batch=8, fsdp=True, ckpt=False, optim="adamw_fused"),
+    dict(name="fsdp2_bf16mp_bnb8bit_local", batch=8, fsdp=True, ckpt=False, optim="bnb8bit_local"),
+    dict(
+        name="fsdp2_bf16mp_fused_channels_last", batch=8, fsdp=True, ckpt=False, optim="adamw_fused", channels_last=True
+    ),
+    dict(name="fsdp2_bf16mp_fused_B12", batch=12, fsdp=True, ckpt=False, optim="adamw_fused"),
+    dict(name="fsdp2_bf16mp_fused_ckpt_B16", batch=16, fsdp=True, ckpt=True, optim="adamw_fused"),
+    dict(name="fsdp2_bf16mp_bnb8bit_local_ckpt_B32", batch=32, fsdp=True, ckpt=True, optim="bnb8bit_local"),
+    dict(name="fsdp2_bf16mp_fused_compile", batch=8, fsdp=True, ckpt=False, optim="adamw_fused", compile=True),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="comma-separated configuration names (default: all)")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--memory_cap_batches", default="1,2,4", help="batches to try under a 24 GiB cap")
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    print(json.dumps(dict(torch=torch.__version__, gpu=torch.cuda.get_device_name())), flush=True)
+    only = set(filter(None, args.only.split(",")))
+    baseline = None
+    for cfg in CONFIGS:
+        if only and cfg["name"] not in only and not cfg["name"].startswith("original"):
+            continue
+        r = run(cfg, args.steps, baseline)
+        if cfg["name"].startswith("original"):
+            baseline = r.get("images_per_s")
+    for batch in [int(b) for b in args.memory_cap_batches.split(",") if b]:
+        cfg = dict(
+            name=f"cap24GiB_fsdp2_bf16mp_bnb8bit_local_ckpt_B{batch}",
+            batch=batch,
+            fsdp=True,
+            ckpt=True,
+            optim="bnb8bit_local",
+        )
+        run(cfg, 3, baseline, memory_cap_gib=24.0)
+        offload = dict(
+            name=f"cap24GiB_fsdp2_bf16mp_cpu_offload_adamw_ckpt_B{batch}",
+            batch=batch,
+            fsdp=True,
+            ckpt=True,
+            optim="adamw_foreach",
+            offload=True,
+        )
+        run(offload, 2, baseline, memory_cap_gib=24.0)
+
+
+if __name__ == "__main__":
+    main()
