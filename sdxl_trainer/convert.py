@@ -272,10 +272,11 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def parse_dtype(dtype: torch.dtype | str) -> tuple[str, torch.dtype]:
-    """('fp16', torch.float16) from 'fp16', 'float16', 'half' or torch.float16."""
+    """('fp16', torch.float16) from 'fp16', 'float16', 'torch.float16', 'half' or torch.float16."""
     aliases = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
+    text = str(dtype).removeprefix("torch.")
     for name, value in DTYPES.items():
-        if dtype == value or aliases.get(str(dtype), str(dtype)) == name:
+        if dtype == value or aliases.get(text, text) == name:
             return name, value
     raise ConversionError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
 
