@@ -117,39 +117,66 @@ class Tile:
     core: tuple[int, int, int, int]  # (left, top, right, bottom) in input pixels, a partition of the image
 
 
-def axis_tiles(length_px: int, window_px: int, overlap_px: int) -> list[tuple[int, int, int]]:
+def axis_tiles(length_px: int, window_px: int, overlap_px: int, align_px: int = 1) -> list[tuple[int, int, int]]:
     """Split one image axis into ``(core_start, core_end, window_start)`` triples.
 
-    Cores partition ``[0, length_px)`` into near-equal pieces of at most ``window_px - 2*overlap_px``. Every
-    window has the same length ``min(length_px, window_px)`` (so tiles batch together) and holds its core plus
-    at least ``overlap_px`` of context on each side that is inside the image; windows at the borders are
-    shifted inwards instead of shrinking. The context is discarded, which hides the seams.
+    Cores partition ``[0, length_px)`` into near-equal pieces. Every window has the same length
+    ``window_length(length_px, window_px, align_px)`` (so tiles batch together) and holds its core plus at least
+    ``overlap_px`` of context on each side that is inside the image; windows at the borders are shifted
+    inwards instead of shrinking. The context is discarded afterwards, which hides the seams.
+
+    ``align_px`` > 1 (pixel-unshuffle models such as RealESRGAN_x2plus fold 2x2 or 4x4 pixel blocks into
+    channels) puts every boundary on a multiple of it, so each tile folds the same blocks as the whole image
+    would; ``length_px`` must then be a multiple of ``align_px`` (pad the image first).
     """
-    if length_px <= 0:
-        raise ValueError(f"length_px must be positive, got {length_px}")
-    if window_px <= 0 or length_px <= window_px:
+    if length_px <= 0 or align_px <= 0 or length_px % align_px:
+        raise ValueError(f"length_px {length_px} must be a positive multiple of align_px {align_px}")
+    units = length_px // align_px
+    window_units = window_length(length_px, window_px, align_px) // align_px
+    if window_px <= 0 or units <= window_units:
         return [(0, length_px, 0)]
-    core_px = window_px - 2 * overlap_px
-    if core_px <= 0:
+    overlap_units = math.ceil(overlap_px / align_px)
+    core_units = window_units - 2 * overlap_units
+    if core_units <= 0:
         raise ValueError(f"tile of {window_px} px leaves no core with an overlap of {overlap_px} px per side")
-    count = math.ceil(length_px / core_px)
-    bounds = [round(i * length_px / count) for i in range(count + 1)]
+    count = math.ceil(units / core_units)
+    bounds = [round(i * units / count) for i in range(count + 1)]
     tiles = []
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        window_start = min(max(start - overlap_px, 0), length_px - window_px)
-        tiles.append((start, end, window_start))
+        window_start = min(max(start - overlap_units, 0), units - window_units)
+        tiles.append((start * align_px, end * align_px, window_start * align_px))
     return tiles
 
 
-def plan_tiles(width_px: int, height_px: int, tile_px: int, overlap_px: int) -> list[Tile]:
+def window_length(length_px: int, window_px: int, align_px: int = 1) -> int:
+    """Length of every window along an axis: the whole axis, or ``window_px`` rounded down to ``align_px``."""
+    if window_px <= 0:
+        return length_px
+    return min(length_px, max(window_px // align_px, 1) * align_px)
+
+
+def plan_tiles(width_px: int, height_px: int, tile_px: int, overlap_px: int, align_px: int = 1) -> list[Tile]:
     """The tiles of a ``width_px`` x ``height_px`` image; one whole-image tile when ``tile_px`` is 0 or larger."""
+    win_w = window_length(width_px, tile_px, align_px)
+    win_h = window_length(height_px, tile_px, align_px)
     tiles = []
-    for y0, y1, wy in axis_tiles(height_px, tile_px, overlap_px):
-        for x0, x1, wx in axis_tiles(width_px, tile_px, overlap_px):
-            win_w = min(width_px, tile_px) if tile_px > 0 else width_px
-            win_h = min(height_px, tile_px) if tile_px > 0 else height_px
+    for y0, y1, wy in axis_tiles(height_px, tile_px, overlap_px, align_px):
+        for x0, x1, wx in axis_tiles(width_px, tile_px, overlap_px, align_px):
             tiles.append(Tile(window=(wx, wy, wx + win_w, wy + win_h), core=(x0, y0, x1, y1)))
     return tiles
+
+
+def pad_to_multiple(tensor: torch.Tensor, align_px: int) -> torch.Tensor:
+    """Pad (C, H, W) on the right and bottom to multiples of ``align_px``: reflect, then replicate where the
+    image is too small to reflect (the same padding spandrel applies to a whole image)."""
+    height, width = tensor.shape[-2:]
+    pad_w, pad_h = -width % align_px, -height % align_px
+    if not (pad_w or pad_h):
+        return tensor
+    reflect_w, reflect_h = min(pad_w, width - 1), min(pad_h, height - 1)
+    tensor = torch.nn.functional.pad(tensor[None], (0, reflect_w, 0, reflect_h), mode="reflect")
+    tensor = torch.nn.functional.pad(tensor, (0, pad_w - reflect_w, 0, pad_h - reflect_h), mode="replicate")
+    return tensor[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,7 +194,7 @@ def pil_to_tensor(image: Image.Image, channels: int) -> torch.Tensor:
 
 def tensor_to_uint8(tensor: torch.Tensor) -> torch.Tensor:
     """[0, 1] float -> uint8 with rounding (on the tensor's device, so only bytes cross to the CPU)."""
-    return tensor.float().clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)
+    return tensor.float().clamp(0, 1).mul(255.0).round().to(torch.uint8)
 
 
 def uint8_to_pil(tensor: torch.Tensor) -> Image.Image:
@@ -244,6 +271,10 @@ class Upscaler:
             # A separate cache entry: an fp32 Upscaler of the same file in this process keeps its weights.
             self.model = load_image_model(model_path, model_flag, self.device, self.dtype)
         self.scale = int(self.model.scale)
+        # pixel-unshuffle models need tile boundaries on multiples of their block size
+        self.align_px = int(self.model.size_requirements.multiple_of)
+        if tile_px and (tile_px // self.align_px) - 2 * math.ceil(tile_overlap_px / self.align_px) <= 0:
+            raise UpscalerError(f"--tile {tile_px} is too small for this model with --tile_overlap {tile_overlap_px}")
         self.face_restorer = None
         if face_restore_model_path:
             from sdxl_trainer.face_restore import FaceRestorer
@@ -300,16 +331,17 @@ class Upscaler:
     @torch.inference_mode()
     def run_network(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """(C, H, W) [0, 1] float tensors -> (C, H*scale, W*scale) uint8 CPU tensors, tiled and batched."""
-        scale = self.scale
-        outputs = [torch.empty((t.shape[0], t.shape[1] * scale, t.shape[2] * scale), dtype=torch.uint8) for t in images]
+        scale, align = self.scale, self.align_px
+        padded = [pad_to_multiple(t, align) for t in images]
+        outputs = [torch.empty((t.shape[0], t.shape[1] * scale, t.shape[2] * scale), dtype=torch.uint8) for t in padded]
         by_shape: dict[tuple[int, int], list[tuple[int, Tile]]] = defaultdict(list)
-        for index, tensor in enumerate(images):
-            for tile in plan_tiles(tensor.shape[2], tensor.shape[1], self.tile_px, self.tile_overlap_px):
+        for index, tensor in enumerate(padded):
+            for tile in plan_tiles(tensor.shape[2], tensor.shape[1], self.tile_px, self.tile_overlap_px, align):
                 left, top, right, bottom = tile.window
                 by_shape[(bottom - top, right - left)].append((index, tile))
         for jobs in by_shape.values():
             for chunk in _chunks(jobs, self.batch_size):
-                batch = torch.stack([_crop(images[i], tile.window) for i, tile in chunk])
+                batch = torch.stack([_crop(padded[i], tile.window) for i, tile in chunk])
                 result = tensor_to_uint8(self.model(batch.to(self.device, self.dtype))).cpu()
                 for (index, tile), out in zip(chunk, result, strict=True):
                     wx, wy = tile.window[:2]
@@ -317,7 +349,8 @@ class Upscaler:
                     outputs[index][:, y0 * scale : y1 * scale, x0 * scale : x1 * scale] = out[
                         :, (y0 - wy) * scale : (y1 - wy) * scale, (x0 - wx) * scale : (x1 - wx) * scale
                     ]
-        return outputs
+        # drop the alignment padding
+        return [out[:, : t.shape[1] * scale, : t.shape[2] * scale] for out, t in zip(outputs, images, strict=True)]
 
 
 def _parse_device(device: str | torch.device) -> torch.device:
