@@ -1,0 +1,497 @@
+"""The trainer's evaluation step: sample-grid rows, validation images and their scores, for the trained UNet.
+
+The trainer calls `Evaluator.run(epoch, handoff_file)` on every rank at the top of an epoch iteration
+(epoch 0 = the base model). The SDXL pipeline is built once per process and kept on the CPU between
+evaluations; each run copies the trained UNet weights from the handoff file (a safetensors file of the
+full fp32 state dict written by rank 0) into it, so the images come from the trained model (the seed
+scored the base model, B2). Prompts and validation items are split across ranks without duplicates; each
+rank scores its own images and only small per-image features are gathered. Scores go to TensorBoard
+under the original's tags and to `<run>/validation_scores.jsonl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from sdxl_trainer import sampling, scores
+from sdxl_trainer.eval_support import (
+    METRIC_TAGS,
+    ScorerPlan,
+    Scorers,
+    build_scorers,
+    load_reference_image,
+    load_unet_weights,
+    plan_scorers,
+    read_reference_cache,
+    reference_cache_path,
+    reference_set_key,
+    write_reference_cache,
+)
+
+
+class EvaluationArgsError(ValueError):
+    """An evaluation flag is invalid; the message names it."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {value}")
+    return value
+
+
+def _metric_list(text: str) -> list[str]:
+    try:
+        return scores.parse_metrics(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
+    """Flags for samples, validation images and scores (the original's names where it had them)."""
+    g = parser.add_argument_group("sample grid (one row per sampled epoch, same seed per prompt)")
+    g.add_argument("--save_samples", action="store_true", help="make the sample grid (row 1 = base model)")
+    g.add_argument("--num_sample_images", type=_positive_int, default=8, help="prompts in the grid")
+    g.add_argument(
+        "--sample_prompts",
+        default=str(sampling.DEFAULT_SAMPLE_PROMPTS_FILE),
+        help="UTF-8 file, one prompt per line (# comments); its first --num_sample_images prompts are used, "
+        "training captions fill up when it has fewer",
+    )
+    g.add_argument("--save_samples_every_n_epochs", type=_positive_int, default=10, help="a row every N epochs")
+    g.add_argument("--start_save_samples_epoch", type=_non_negative_int, default=0, help="first epoch with a row")
+    g.add_argument("--sample_steps", type=_positive_int, default=30, help="denoising steps (samples and validation)")
+    g.add_argument("--sample_guidance_scale", type=float, default=5.0, help="classifier-free guidance scale")
+    g.add_argument("--sample_seed", type=int, default=0, help="prompt i uses seed sample_seed + i in every row")
+    g.add_argument("--sample_width_px", type=_positive_int, default=None, help="sample width (default: model's)")
+    g.add_argument("--sample_height_px", type=_positive_int, default=None, help="sample height (default: model's)")
+    g.add_argument(
+        "--sample_batch_size", type=_positive_int, default=1, help="images per pipeline call (samples, validation)"
+    )
+    g.add_argument(
+        "--sample_grid_max_rows",
+        type=int,
+        default=20,
+        help="image rows per grid file (>= 2); further rows go to the next sample_grid_NNN.png",
+    )
+    g = parser.add_argument_group("validation images and scores (IS, FID, KID, LPIPS, HPSv2.1)")
+    g.add_argument("--validation_image", action="store_true", help="generate and score validation images")
+    g.add_argument(
+        "--validation_image_percent",
+        type=_fraction,
+        default=0.10,
+        help="fraction of the items held out as validation images (the trainer holds them out)",
+    )
+    g.add_argument(
+        "--validation_image_every_n_epochs", type=_positive_int, default=10, help="at epoch 0 and every N epochs"
+    )
+    g.add_argument(
+        "--save_validation_images", action="store_true", help="also write them to <run>/validation_images/epoch_N/"
+    )
+    g.add_argument(
+        "--metrics",
+        type=_metric_list,
+        default=list(scores.METRICS),
+        help="comma list of fid,kid,is,lpips,hps (default: all; those without weights are skipped with a note)",
+    )
+    g.add_argument(
+        "--metrics_inception_weights",
+        default=None,
+        help=f"FID/KID/IS: torch-fidelity's {scores.INCEPTION_FILE_NAME} (default: the torch hub cache copy)",
+    )
+    g.add_argument("--metrics_lpips_backbone", default=None, help="LPIPS: torchvision alexnet (or vgg16) weights")
+    g.add_argument("--metrics_hps_checkpoint", default=None, help="HPSv2: HPS_v2.1_compressed.pt")
+    g.add_argument("--metrics_hps_model", default="ViT-H-14", help="open_clip architecture of the HPS checkpoint")
+    g.add_argument("--metrics_batch_size", type=_positive_int, default=16, help="images per scorer forward")
+    g.add_argument("--metrics_kid_subsets", type=_positive_int, default=100, help="KID: number of subsets")
+    g.add_argument("--metrics_kid_subset_size", type=_positive_int, default=1000, help="KID: images per subset")
+    g.add_argument("--metrics_is_splits", type=_positive_int, default=10, help="IS: number of splits")
+    g.add_argument(
+        "--keep_eval_models_on_device",
+        action="store_true",
+        help="keep the sampling pipeline and scorers on the GPU between evaluations (faster, uses memory)",
+    )
+
+
+def check_evaluation_args(args: argparse.Namespace) -> None:
+    """Reject bad combinations at start (message names the flag)."""
+    if args.sample_grid_max_rows < 2:
+        raise EvaluationArgsError("--sample_grid_max_rows must be >= 2 (the Base Model row plus one epoch row)")
+    for flag, value in (("--sample_width_px", args.sample_width_px), ("--sample_height_px", args.sample_height_px)):
+        if value is not None and value % 8:
+            raise EvaluationArgsError(f"{flag} must be a multiple of 8 (the VAE's factor), got {value}")
+    if args.save_samples:
+        sampling.read_prompts_file(args.sample_prompts)  # raises naming --sample_prompts
+
+
+class Evaluator:
+    """Samples, validation images and scores of the trained UNet; one per process, built at start."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        run_dir: Path,
+        pretrained: str,
+        sample_captions: list[str],
+        validation_items: list,
+        data_root: Path | None,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        tb_writer=None,
+        weight_dtype: torch.dtype = torch.float16,
+        *,
+        vae_override: str | None = None,
+        inception_extractor: torch.nn.Module | None = None,
+        log=print,
+    ):
+        try:
+            check_evaluation_args(args)
+        except sampling.SamplePromptsError as exc:
+            raise EvaluationArgsError(str(exc)) from exc
+        self.args = args
+        self.run_dir = Path(run_dir)
+        self.pretrained = pretrained
+        self.vae_override = vae_override
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.tb_writer = tb_writer if rank == 0 else None
+        # fp16 on a CPU is slow and partly unsupported: CPU runs (tests, CI) sample in fp32.
+        cpu_half = self.device.type == "cpu" and weight_dtype == torch.float16
+        self.dtype = torch.float32 if cpu_half else weight_dtype
+        self._log = log
+        self._pipe = None
+        self._grid: sampling.SampleGrid | None = None
+        self._scorers: Scorers | None = None
+        # Inception features of the validation set's reference images, computed once (or read from the
+        # cache file keyed by the set's content); only rank 0 holds them, the others only know they exist.
+        self._reference_ready = False
+        self._reference_pool: np.ndarray | None = None
+        self._notes_shown: set[str] = set()
+
+        self.sample_prompts: list[str] = []
+        if args.save_samples:
+            file_prompts = sampling.read_prompts_file(args.sample_prompts)
+            self.sample_prompts = sampling.choose_sample_prompts(file_prompts, sample_captions, args.num_sample_images)
+            if not self.sample_prompts:
+                raise EvaluationArgsError(
+                    f"--save_samples: {args.sample_prompts} has no prompts and there are no captions"
+                )
+            self.sample_seeds = sampling.prompt_seeds(args.sample_seed, len(self.sample_prompts))
+        # Sorted by key: every rank holds the same list in the same order, whatever order it came in.
+        self.validation_items = sorted(validation_items, key=lambda it: it.key) if args.validation_image else []
+        if args.validation_image and not self.validation_items:
+            self._note("--validation_image: there are no validation items, so no validation images or scores")
+        self.data_root = Path(data_root) if data_root is not None else None
+        reference_reason = None
+        if self.data_root is None or not self.data_root.is_dir():
+            reference_reason = (
+                f"the data folder {self.data_root} is not available to read reference images (IS and HPS still run)"
+                if self.data_root is not None
+                else "no data folder was given to read reference images (IS and HPS still run)"
+            )
+        self.plan: ScorerPlan = plan_scorers(
+            args.metrics if args.validation_image else [],
+            inception_weights=args.metrics_inception_weights,
+            lpips_backbone=args.metrics_lpips_backbone,
+            hps_checkpoint=args.metrics_hps_checkpoint,
+            reference_missing_reason=reference_reason,
+            have_custom_inception=inception_extractor is not None,
+        )
+        self._inception_extractor = inception_extractor
+        if self.validation_items:
+            for line in self.plan.skipped.values():
+                self._note(line)
+
+    # ------------------------------------------------------------------ when
+    def wants_samples(self, epoch: int) -> bool:
+        a = self.args
+        return (
+            bool(a.save_samples)
+            and epoch % a.save_samples_every_n_epochs == 0
+            and (epoch == 0 or epoch >= a.start_save_samples_epoch)
+        )
+
+    def wants_validation(self, epoch: int) -> bool:
+        return bool(self.validation_items) and epoch % self.args.validation_image_every_n_epochs == 0
+
+    def wants_to_run(self, epoch: int) -> bool:
+        return self.wants_samples(epoch) or self.wants_validation(epoch)
+
+    # ------------------------------------------------------------------ entry point
+    def run(self, epoch: int, unet_state_dict_path: Path | None) -> dict[str, float]:
+        """Collective: every rank calls it. Returns the scores (the same dict on every rank)."""
+        if not self.wants_to_run(epoch):
+            return {}
+        start = time.monotonic()
+        pipe = self._pipeline()
+        if unet_state_dict_path is not None:
+            load_unet_weights(pipe.unet, Path(unet_state_dict_path))
+        pipe.to(self.device)
+        result: dict[str, float] = {}
+        try:
+            if self.wants_samples(epoch):
+                self._run_samples(epoch, pipe)
+            if self.wants_validation(epoch):
+                result = self._run_validation(epoch, pipe)
+        finally:
+            if not self.args.keep_eval_models_on_device and self.device.type != "cpu":
+                # Give the GPU back to training: the pipeline and scorers wait on the CPU.
+                pipe.to("cpu")
+                if self._scorers is not None:
+                    self._scorers.to("cpu")
+                torch.cuda.empty_cache()
+        if self.rank == 0:
+            self._log(f"evaluation at epoch {epoch} took {time.monotonic() - start:.1f} s")
+        return result
+
+    # ------------------------------------------------------------------ helpers
+    def _note(self, line: str) -> None:
+        """Print a line once per process on rank 0."""
+        if self.rank == 0 and line not in self._notes_shown:
+            self._notes_shown.add(line)
+            self._log(line)
+
+    def _all_gather(self, obj):
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _broadcast(self, obj):
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _pipeline(self):
+        if self._pipe is None:
+            from sdxl_trainer import models
+
+            pipe = models.load_pipeline(self.pretrained, vae_override=self.vae_override, torch_dtype=self.dtype)
+            pipe.set_progress_bar_config(disable=True)
+            self._pipe = pipe
+        return self._pipe
+
+    def _sample_size(self, pipe) -> tuple[int, int]:
+        default_px = pipe.default_sample_size * pipe.vae_scale_factor
+        return self.args.sample_width_px or default_px, self.args.sample_height_px or default_px
+
+    def _generate(self, pipe, prompts, seeds, size_wh) -> list[Image.Image]:
+        a = self.args
+        w, h = size_wh
+        return sampling.generate_images(
+            pipe, prompts, seeds, w, h, a.sample_steps, a.sample_guidance_scale, a.sample_batch_size
+        )
+
+    # ------------------------------------------------------------------ samples
+    def _run_samples(self, epoch: int, pipe) -> None:
+        size_wh = self._sample_size(pipe)
+        mine = list(range(self.rank, len(self.sample_prompts), self.world_size))
+        images = self._generate(
+            pipe, [self.sample_prompts[i] for i in mine], [self.sample_seeds[i] for i in mine], size_wh
+        )
+        gathered = self._all_gather([(i, np.asarray(im)) for i, im in zip(mine, images, strict=True)])
+        if self.rank != 0:
+            return
+        by_index = dict(pair for part in gathered for pair in part)
+        row = [Image.fromarray(by_index[i]) for i in range(len(self.sample_prompts))]
+        if self._grid is None:
+            settings = {
+                "prompts": self.sample_prompts,
+                "seeds": self.sample_seeds,
+                "width_px": size_wh[0],
+                "height_px": size_wh[1],
+                "steps": self.args.sample_steps,
+                "guidance_scale": self.args.sample_guidance_scale,
+            }
+            self._grid = sampling.SampleGrid(self.run_dir / "samples", settings, self.args.sample_grid_max_rows)
+            if self._grid.moved_aside is not None:
+                self._log(f"samples: settings changed since the last run; old rows moved to {self._grid.moved_aside}")
+        files = self._grid.add_row(epoch, row)
+        self._log(f"samples: row '{sampling.row_label(epoch)}' written to {', '.join(str(f) for f in files)}")
+        if self.tb_writer is not None:
+            image = self._grid.render([epoch])
+            scale = min(1.0, 4096 / image.width)  # keep event files small; the PNG on disk is full size
+            if scale < 1.0:
+                image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
+            self.tb_writer.add_image("Samples/grid row", np.asarray(image), epoch, dataformats="HWC")
+
+    # ------------------------------------------------------------------ validation
+    def _scorers_once(self) -> Scorers:
+        if self._scorers is None:
+            a = self.args
+            self._scorers = build_scorers(
+                self.plan,
+                device=self.device,
+                batch_size=a.metrics_batch_size,
+                hps_model=a.metrics_hps_model,
+                inception_extractor=self._inception_extractor,
+            )
+        self._scorers.to(self.device)
+        return self._scorers
+
+    def _run_validation(self, epoch: int, pipe) -> dict[str, float]:
+        start = time.monotonic()
+        scorers = self._scorers_once()
+        items = self.validation_items
+        mine = list(range(self.rank, len(items), self.world_size))
+        # Batches need one size: generate grouped by bucket, remember each image's item index.
+        mine.sort(key=lambda i: (items[i].bucket_wh, i))
+        images: dict[int, Image.Image] = {}
+        for bucket in dict.fromkeys(items[i].bucket_wh for i in mine):
+            group = [i for i in mine if items[i].bucket_wh == bucket]
+            seeds = [validation_seed(self.args.sample_seed, items[i].key) for i in group]
+            made = self._generate(pipe, [items[i].caption for i in group], seeds, tuple(bucket))
+            images.update(zip(group, made, strict=True))
+        mine.sort()
+        if self.args.save_validation_images:
+            self._save_validation_images(epoch, {i: images[i] for i in mine})
+
+        need_reference_pool = self.plan.wants_reference_features and not self._reference_ready
+        if need_reference_pool:
+            key = reference_set_key(items, scorers.inception.identity)
+            cache_file = reference_cache_path(self.run_dir, key)
+            cached = read_reference_cache(cache_file, key) if self.rank == 0 else None
+            if self._broadcast(cached is not None):
+                if self.rank == 0:
+                    self._reference_pool = cached[0]
+                    self._note(f"validation: reference features read from {cache_file}")
+                self._reference_ready, need_reference_pool = True, False
+        wants_refs = need_reference_pool or "lpips" in self.plan.enabled
+        references: dict[int, torch.Tensor | None] = {}
+        problems: list[str] = []
+        if wants_refs:
+            for i in mine:
+                ref, problem = load_reference_image(self.data_root, items[i])
+                references[i] = None if ref is None else scores.pil_to_uint8_chw(ref)
+                if problem:
+                    problems.append(problem)
+
+        gen_tensors = [scores.pil_to_uint8_chw(images[i]) for i in mine]
+        record: dict[int, dict] = {i: {} for i in mine}
+        if scorers.inception is not None:
+            pool, logits = scorers.inception.features(gen_tensors)
+            for j, i in enumerate(mine):
+                record[i]["pool"], record[i]["logits"] = pool[j], logits[j]
+            if need_reference_pool:
+                with_ref = [i for i in mine if references[i] is not None]
+                ref_pool, _ = scorers.inception.features([references[i] for i in with_ref])
+                for j, i in enumerate(with_ref):
+                    record[i]["ref_pool"] = ref_pool[j]
+        if scorers.lpips is not None:
+            paired = [j for j, i in enumerate(mine) if references[i] is not None]
+            values = scorers.lpips.distances([gen_tensors[j] for j in paired], [references[mine[j]] for j in paired])
+            for j, v in zip(paired, values, strict=True):
+                record[mine[j]]["lpips"] = v
+        if scorers.hps is not None:
+            values = scorers.hps.scores([images[i] for i in mine], [items[i].caption for i in mine])
+            for i, v in zip(mine, values, strict=True):
+                record[i]["hps"] = v
+
+        gathered = self._all_gather((record, problems))
+        result = None
+        if self.rank == 0:
+            merged: dict[int, dict] = {}
+            all_problems: list[str] = []
+            for part, part_problems in gathered:
+                merged.update(part)
+                all_problems += part_problems
+            if all_problems:
+                self._note(
+                    f"validation: {len(all_problems)} of {len(items)} reference images could not be read and are "
+                    f"left out of LPIPS/FID/KID (first: {all_problems[0]})"
+                )
+            if need_reference_pool:
+                ok = [("ref_pool" in merged[i]) for i in range(len(items))]
+                rows = [merged[i]["ref_pool"] for i in range(len(items)) if ok[i]]
+                pool = np.stack(rows) if rows else np.zeros((0, scores.INCEPTION_POOL_DIM), np.float32)
+                self._reference_pool = pool
+                write_reference_cache(cache_file, key, pool, ok)
+            result = self._compute_scores([merged[i] for i in range(len(items))])
+            self._report(epoch, result, len(items), time.monotonic() - start)
+        self._reference_ready = self._reference_ready or need_reference_pool
+        return self._broadcast(result)
+
+    def _compute_scores(self, records: list[dict]) -> dict[str, float]:
+        a, enabled = self.args, self.plan.enabled
+        out: dict[str, float] = {}
+        n = len(records)
+        if "is" in enabled:
+            splits = min(a.metrics_is_splits, n)
+            if splits < a.metrics_is_splits:
+                self._note(f"IS: {n} validation images, so {splits} splits instead of {a.metrics_is_splits}")
+            out["is"], out["is_std"] = scores.compute_inception_score(np.stack([r["logits"] for r in records]), splits)
+        if {"fid", "kid"} & enabled:
+            gen = np.stack([r["pool"] for r in records])
+            ref = self._reference_pool
+            if ref is None or ref.shape[0] < 2 or n < 2:
+                self._note("FID/KID: fewer than 2 reference or generated images; not scored")
+            else:
+                if "fid" in enabled:
+                    warning = scores.fid_sample_size_warning(n, ref.shape[0], gen.shape[1])
+                    if warning:
+                        self._note(warning)
+                    out["fid"] = scores.compute_fid_from_features(gen, ref)
+                if "kid" in enabled:
+                    size = min(a.metrics_kid_subset_size, n, ref.shape[0])
+                    if size < a.metrics_kid_subset_size:
+                        self._note(f"KID: subsets of {size} images (fewer than --metrics_kid_subset_size)")
+                    out["kid"], out["kid_std"] = scores.compute_kid(gen, ref, a.metrics_kid_subsets, size)
+        for name in ("lpips", "hps"):
+            values = [r[name] for r in records if name in r]
+            if name in enabled and values:
+                out[name] = float(np.mean(values))
+        return out
+
+    def _report(self, epoch: int, result: dict[str, float], n_images: int, seconds: float) -> None:
+        shown = " ".join(f"{scores.DISPLAY_NAMES.get(k, k)} {v:.4g}" for k, v in result.items()) or "no scores"
+        self._log(f"validation at epoch {epoch}: {n_images} images in {seconds:.1f} s: {shown}")
+        if self.tb_writer is not None:
+            for name, value in result.items():
+                self.tb_writer.add_scalar(METRIC_TAGS[name], value, epoch)
+        line = json.dumps({"epoch": epoch, "images": n_images, **result})
+        with open(self.run_dir / "validation_scores.jsonl", "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    def _save_validation_images(self, epoch: int, images: dict[int, Image.Image]) -> None:
+        folder = self.run_dir / "validation_images" / f"epoch_{epoch:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in images.items():
+            item = self.validation_items[i]
+            path = folder / f"{i:05d}_{item.key[:12]}.png"
+            tmp = path.with_name(f".{path.name}.tmp")
+            image.save(tmp, format="PNG")
+            os.replace(tmp, path)
+            if epoch == 0 or not (folder / f"{path.stem}.txt").exists():
+                (folder / f"{path.stem}.txt").write_text(item.caption, encoding="utf-8")
+
+
+def validation_seed(base_seed: int, item_key: str) -> int:
+    """A fixed seed per validation item, from its stable key: the same on every rank, epoch and run."""
+    return (base_seed + int(item_key[:12], 16)) % (2**63)
