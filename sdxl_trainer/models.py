@@ -247,6 +247,25 @@ def load_noise_scheduler(
         raise _wrap(SINGLE_FILE_FLAG if config else flag, source, "noise scheduler config", exc) from exc
 
 
+def load_unet_config(
+    pretrained: str, flag: str = "--pretrained_model_name_or_path", *, single_file_config: str | None = None
+) -> dict:
+    """The UNet's diffusers config (to build it on the meta device): the folder's, or the config folder's."""
+    from diffusers import UNet2DConditionModel
+
+    _check_source(pretrained, flag)
+    config = _resolve_single_file(pretrained, single_file_config, flag)
+    source = config if config is not None else pretrained
+    try:
+        return dict(
+            UNet2DConditionModel.load_config(
+                source, subfolder="unet", local_files_only=True if config is not None else _local_only()
+            )
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise _wrap(SINGLE_FILE_FLAG if config else flag, source, "UNet config", exc) from exc
+
+
 def load_pipeline(
     pretrained: str,
     vae_override: str | None = None,
@@ -254,20 +273,23 @@ def load_pipeline(
     flag: str = "--pretrained_model_name_or_path",
     *,
     single_file_config: str | None = None,
+    **components,
 ):
-    """The whole StableDiffusionXLPipeline (for samples, validation images and saving)."""
+    """The whole StableDiffusionXLPipeline (for samples, validation images and saving).
+
+    `components` replace parts without loading them, e.g. `unet=trained_unet` when saving a pipeline.
+    """
     from diffusers import StableDiffusionXLPipeline
 
     _check_source(pretrained, flag)
     config = _resolve_single_file(pretrained, single_file_config, flag)
-    kwargs = {}
+    kwargs = dict(components)
     if vae_override:
         kwargs["vae"] = load_vae(pretrained, vae_override).to(torch_dtype)
     try:
         if config is not None:
-            _require_parts(
-                pretrained, ("UNet", "text encoder", "text encoder 2") + (() if vae_override else ("VAE",)), flag
-            )
+            needed = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder", "text_encoder_2": "text encoder 2"}
+            _require_parts(pretrained, tuple(part for name, part in needed.items() if name not in kwargs), flag)
             return StableDiffusionXLPipeline.from_single_file(
                 pretrained, config=config, torch_dtype=torch_dtype, local_files_only=True, **kwargs
             )

@@ -355,6 +355,9 @@ def test_every_loader_reads_a_single_file_like_the_folder(tiny_model_dir, tiny_f
     finally:
         models.set_single_file_config(None)
     assert pipe.unet.dtype == torch.float16 and type(pipe).__name__ == "StableDiffusionXLPipeline"
+    # What saving uses: the architecture without weights, and the pipeline around a given (trained) UNet.
+    assert models.load_unet_config(f, single_file_config=cfg) == models.load_unet_config(cfg)
+    assert models.load_pipeline(f, single_file_config=cfg, unet=pipe.unet).unet is pipe.unet
 
 
 def test_single_file_errors_name_the_flag_to_fix(tiny_model_dir, tiny_fp32_file, tmp_path):
