@@ -1,0 +1,344 @@
+"""The caching step: image/caption folder -> latents and text embeddings per aspect bucket (sdxl_trainer.cache).
+
+Per process: discover the items, keep this process's share (by key: --shard_index of --num_shards, then
+RANK of WORLD_SIZE), reuse every item whose image bytes, caption and settings are unchanged (no model is
+loaded when nothing changed), decode and resize the rest in DataLoader workers, encode them in batches on
+the GPU and write each item atomically. At the end one process per shard writes the index part and the
+report. A killed run resumes from the item files already written.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from sdxl_trainer import cache as C
+from sdxl_trainer.buckets import plan_item
+from sdxl_trainer.caching_args import CachingArgs
+from sdxl_trainer.caching_encoders import HASH_MEMO_FILE, Encoders, FileHasher, build_fingerprint, resolve_device
+from sdxl_trainer.caching_report import finish_shard, print_report
+from sdxl_trainer.images import DataItem, ImageSkip, discover_items, load_image, region_to_upscale, render_to_bucket
+from sdxl_trainer.models import ModelLoadError
+
+TEXT_TENSORS = ("prompt_embeds", "pooled_prompt_embeds")
+IMAGE_TENSORS = ("latent_mean", "latent_std")
+UpscalerFactory = Callable[[CachingArgs, torch.device], object]
+
+
+class CachingError(RuntimeError):
+    """A user-facing failure (a model that does not load, an unusable cache folder); names the flag."""
+
+
+@dataclass
+class Work:
+    """One item this process is responsible for, and what must be (re)computed for it."""
+
+    item: DataItem
+    key: str
+    old: dict | None  # the record of the existing item file, if any
+    known_sha: str | None  # image sha256 that would make the old latents reusable
+    text_ok: bool  # the old embeddings match the caption and the text settings
+    stat: tuple[int, int]  # (size bytes, mtime ns) of the image file
+
+
+class ImageJobs(Dataset):
+    """DataLoader side: read, hash, decode, plan and resize one image (runs in worker processes)."""
+
+    def __init__(self, works: list[Work], args: CachingArgs):
+        self.works, self.args = works, args
+
+    def __len__(self) -> int:
+        return len(self.works)
+
+    def __getitem__(self, index: int) -> dict:
+        work, args = self.works[index], self.args
+        out: dict = {"index": index}
+        try:
+            data = work.item.image_path.read_bytes()
+        except OSError as exc:
+            return {**out, "skip": f"unreadable: {exc.strerror or exc}"}
+        out["sha"] = hashlib.sha256(data).hexdigest()
+        if out["sha"] == work.known_sha:
+            return {**out, "unchanged": True}  # touched (mtime) but the same bytes: nothing to encode
+        try:
+            image = load_image(work.item.image_path, args.max_image_pixels, data=data)
+        except ImageSkip as exc:
+            return {**out, "skip": str(exc)}
+        plan = plan_item(*image.size, args.min_resolution, args.max_resolution, args.upscale_to_resolution,
+                         args.upscale_min_factor)  # fmt: skip
+        if plan is None:
+            return {**out, "skip": f"too small: {image.width}x{image.height} (below --min_resolution "
+                                   f"{args.min_resolution} after flooring to 64 px)"}  # fmt: skip
+        pixels = region_to_upscale(image, plan) if plan.use_upscaler else render_to_bucket(image, plan)
+        return {**out, "plan": plan, "pixels": torch.from_numpy(np.asarray(pixels, dtype=np.uint8).copy())}
+
+
+def _dist_info() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(resolve_device())
+        # Ranks meet only at the end; a long caching run must not hit the default 30-minute timeout there.
+        dist.init_process_group(backend, timeout=datetime.timedelta(days=7))
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _mine(key: str, args: CachingArgs, rank: int, world: int) -> bool:
+    # Shard by the first 8 hex digits, rank by the next 8: independent, so every rank of a shard gets work.
+    return C.shard_of_key(key, args.num_shards) == args.shard_index and int(key[8:16], 16) % world == rank
+
+
+def classify(items: list[DataItem], root: Path, fingerprint: dict, args: CachingArgs):
+    """Split this process's items into (image work, caption-only work, reused records)."""
+    image_fp, text_fp = C.fingerprint_parts(fingerprint)
+    image_work, text_work, reused = [], [], []
+    for item in items:
+        key = C.item_key(item.relpath)
+        stat = item.image_path.stat()
+        old = C.read_item_record(root / C.item_tensor_relpath(key))
+        if old is not None and (old.get("key") != key or old.get("image_relpath") != item.relpath):
+            old = None
+        image_ok = old is not None and old.get("image_fingerprint") == image_fp
+        text_ok = old is not None and old.get("text_fingerprint") == text_fp
+        text_ok = text_ok and old.get("caption_sha256") == C.sha256_text(item.caption)
+        file_stat = (stat.st_size, stat.st_mtime_ns)
+        # Same size and mtime as when it was encoded: the bytes are taken as unchanged (as make and rsync
+        # do); --verify_hashes re-hashes anyway. A changed stat is re-hashed in a worker before re-encoding.
+        same_stat = image_ok and (old.get("image_size_bytes"), old.get("image_mtime_ns")) == file_stat
+        work = Work(item, key, old, old["image_sha256"] if image_ok else None, text_ok, file_stat)
+        if same_stat and not args.verify_hashes:
+            (reused if text_ok else text_work).append(old if text_ok else work)
+        else:
+            image_work.append(work)
+    return image_work, text_work, reused
+
+
+class Pipeline:
+    """The GPU side: upscale where planned, batch by bucket, encode, hand items to the writer threads."""
+
+    def __init__(self, args, root, fingerprint, device, upscaler_factory: UpscalerFactory | None):
+        self.args, self.root, self.fingerprint, self.device = args, root, fingerprint, device
+        self.encoders = Encoders(args, device)
+        self.upscaler_factory = upscaler_factory or _default_upscaler
+        self._upscaler = None
+        # On CPU items are encoded one by one: results then do not depend on batch composition or world size.
+        self.batch_size = args.batch_size if device.type == "cuda" else 1
+        self.writer = ThreadPoolExecutor(max_workers=2)
+        self.pending_writes: list = []
+        self.records: list[dict] = []
+        self.notes: list[dict] = []
+
+    def upscale(self, work: Work, region: Image.Image, plan) -> Image.Image:
+        if self._upscaler is None:
+            self._upscaler = self.upscaler_factory(self.args, self.device)
+        result = self._upscaler.upscale(region, plan.bucket_wh)
+        if result.size != plan.bucket_wh:
+            result = result.resize(plan.bucket_wh, Image.Resampling.LANCZOS)
+        if self.args.save_upscale_samples:
+            folder = Path(self.args.save_upscale_samples)
+            folder.mkdir(parents=True, exist_ok=True)
+            stem = work.item.relpath.replace("/", "__")
+            region.save(folder / f"{stem}_org.jpg", quality=92)
+            result.save(folder / f"{stem}_upscaled.jpg", quality=92)
+        return result.convert("RGB")
+
+    def encode_and_write(self, batch: list[tuple[Work, dict]]) -> None:
+        """Encode the image and/or caption of each item (all of one bucket) and write them."""
+        tensors: list[dict] = [{} for _ in batch]
+        with_pixels = [i for i, (_, job) in enumerate(batch) if "pixels" in job]
+        if with_pixels:
+            pixels = torch.stack([batch[i][1]["pixels"].permute(2, 0, 1) for i in with_pixels])
+            mean, std = self.encoders.encode_images(pixels)
+            for j, i in enumerate(with_pixels):
+                tensors[i].update(latent_mean=mean[j], latent_std=std[j])
+        need_text = [i for i, (work, _) in enumerate(batch) if not work.text_ok]
+        lengths = {}
+        if need_text:
+            prompt, pooled, token_counts = self.encoders.encode_texts([batch[i][0].item.caption for i in need_text])
+            for j, i in enumerate(need_text):
+                tensors[i].update(prompt_embeds=prompt[j], pooled_prompt_embeds=pooled[j])
+                lengths[i] = token_counts[j]
+        for i, (work, job) in enumerate(batch):
+            self._finish(work, job, tensors[i], lengths.get(i))
+
+    def _finish(self, work: Work, job: dict, tensors: dict, token_count: int | None) -> None:
+        old = work.old
+        missing = [n for n in C.ITEM_TENSORS if n not in tensors]
+        if missing:  # reuse the unchanged half from the existing file
+            previous = load_file(str(self.root / old["tensor_file"]))
+            tensors.update({n: previous[n] for n in missing})
+        plan = job.get("plan")
+        if plan is not None:
+            geometry = {
+                "bucket_wh": plan.bucket_wh,
+                "original_size_hw": plan.original_size_hw,
+                "crop_top_left": plan.crop_top_left,
+                "upscaled": plan.use_upscaler,
+            }
+            extra = {"source_wh": list(plan.source_wh), "category_key": plan.category_key}
+        else:  # caption-only update: the image side is unchanged
+            geometry = {k: old[k] for k in ("bucket_wh", "original_size_hw", "crop_top_left", "upscaled")}
+            extra = {"source_wh": old.get("source_wh"), "category_key": old.get("category_key")}
+        if token_count is None and old is not None:
+            token_count = old.get("caption_tokens")
+        notes = [work.item.caption_note] if work.item.caption_note else []
+        if token_count and token_count > 77:
+            notes.append(f"caption is {token_count} tokens: truncated to 77")
+        extra.update(
+            image_size_bytes=work.stat[0], image_mtime_ns=work.stat[1], caption_tokens=token_count, caption_notes=notes
+        )
+        sha = job.get("sha") or old["image_sha256"]
+        record = C.make_record(
+            work.item.relpath,
+            work.item.caption,
+            fingerprint=self.fingerprint,
+            image_sha256=sha,
+            extra=extra,
+            **geometry,
+        )
+        self.records.append(record)
+        self.pending_writes.append(self.writer.submit(C.write_item_file, self.root, record, tensors))
+        if len(self.pending_writes) > 64:
+            self.pending_writes.pop(0).result()  # bound memory; surface write errors early
+
+    def close(self) -> None:
+        for future in self.pending_writes:
+            future.result()
+        self.writer.shutdown()
+
+
+def _default_upscaler(args: CachingArgs, device: torch.device):
+    import inspect
+
+    from sdxl_trainer.upscale import Upscaler, UpscalerError
+
+    kwargs = dict(face_restore_model_path=args.face_restore_model if args.upscale_use_GFPGAN else None,
+                  device=device, half=device.type == "cuda" and args.mixed_precision != "no")  # fmt: skip
+    params = inspect.signature(Upscaler).parameters
+    if "model_flag" in params:  # name our flags in its error messages
+        kwargs.update(model_flag="--upscaler_model", face_restore_flag="--face_restore_model")
+    try:
+        return Upscaler(args.upscaler_model, **kwargs)
+    except UpscalerError as exc:
+        raise CachingError(str(exc)) from exc
+
+
+def run_caching(args: CachingArgs, upscaler_factory: UpscalerFactory | None = None, stop_after: int | None = None):
+    """Cache `args.data_dir`. Returns the shard's report on process 0 (this process's summary elsewhere);
+    process 0 of each shard writes the index part and report.json. `upscaler_factory(args, device)` replaces
+    the real upscaler (tests); `stop_after` interrupts after that many encoded items, as a kill would (tests).
+    Raises CachingArgsError for bad flags and CachingError for models or folders that cannot be used."""
+    args.validate()
+    try:
+        return _run(args, upscaler_factory, stop_after)
+    except (ModelLoadError, C.CacheError, OSError) as exc:
+        raise CachingError(str(exc)) from exc
+
+
+def _run(args: CachingArgs, upscaler_factory: UpscalerFactory | None, stop_after: int | None):
+    started = time.perf_counter()
+    rank, world = _dist_info()
+    torch.manual_seed(args.seed)
+    root = args.dataset_cache_dir
+    root.mkdir(parents=True, exist_ok=True)
+    hasher = FileHasher(root / HASH_MEMO_FILE)
+    fingerprint = build_fingerprint(args, hasher)
+    if rank == 0:
+        hasher.save()
+    items, skipped = discover_items(Path(args.data_dir))
+    mine = [i for i in items if _mine(C.item_key(i.relpath), args, rank, world)]
+    skipped = [s for s in skipped if _mine(C.item_key(s[0]), args, rank, world)]
+    image_works, text_only, reused = classify(mine, root, fingerprint, args)
+    device = resolve_device()
+    pipe = Pipeline(args, root, fingerprint, device, upscaler_factory)
+    pipe.records.extend(reused)
+    loader = DataLoader(ImageJobs(image_works, args), batch_size=None, shuffle=False,
+                        num_workers=args.resolved_num_workers(world), pin_memory=device.type == "cuda")  # fmt: skip
+    pending: dict[tuple[int, int], list] = defaultdict(list)
+    done = touched = 0
+    progress = tqdm(total=len(image_works), unit="img", desc="caching", disable=rank != 0 or not image_works)
+    try:
+        for job in loader:
+            work = image_works[job["index"]]
+            progress.update(1)
+            if "skip" in job:
+                skipped.append((work.item.relpath, job["skip"]))
+            elif job.get("unchanged"):
+                if work.text_ok:
+                    pipe.records.append(_touch(work))
+                    touched += 1
+                else:
+                    text_only.append(work)
+            else:
+                if job["plan"].use_upscaler:
+                    region = Image.fromarray(job["pixels"].numpy())
+                    upscaled = pipe.upscale(work, region, job["plan"])
+                    job["pixels"] = torch.from_numpy(np.asarray(upscaled, dtype=np.uint8).copy())
+                bucket = pending[job["plan"].bucket_wh]
+                bucket.append((work, job))
+                if len(bucket) >= pipe.batch_size:
+                    pipe.encode_and_write(bucket)
+                    done += len(bucket)
+                    bucket.clear()
+            if stop_after is not None and done >= stop_after:
+                raise KeyboardInterrupt(f"stopped after {done} items (test)")
+        for bucket in pending.values():
+            for start in range(0, len(bucket), pipe.batch_size):
+                pipe.encode_and_write(bucket[start : start + pipe.batch_size])
+        for start in range(0, len(text_only), pipe.batch_size):
+            pipe.encode_and_write([(w, {}) for w in text_only[start : start + pipe.batch_size]])
+        if rank == 0:
+            _ensure_empty_embeddings(root, fingerprint, pipe.encoders)
+    finally:
+        progress.close()
+        pipe.close()
+    seconds = time.perf_counter() - started
+    summary = {
+        "records": pipe.records,
+        "skipped": [{"path": p, "reason": r} for p, r in skipped],
+        "encoded": len(pipe.records) - len(reused) - touched,
+        "reused": len(reused) + touched,
+        "seconds": seconds,
+        "images_per_second": (len(pipe.records) - len(reused) - touched) / seconds,
+    }
+    report = finish_shard(root, args, fingerprint, summary, rank, world)
+    if report is not None:
+        print_report(report, root)
+    return report if report is not None else summary
+
+
+def _touch(work: Work) -> dict:
+    """An item whose mtime changed but whose bytes did not: same record, new file stat."""
+    return dict(work.old, image_size_bytes=work.stat[0], image_mtime_ns=work.stat[1])
+
+
+def _ensure_empty_embeddings(root: Path, fingerprint: dict, encoders: Encoders) -> None:
+    """The empty caption's embeddings (caption dropout), from the same encoders; only when missing or stale."""
+    path = root / C.EMPTY_FILE
+    text_fp = C.fingerprint_parts(fingerprint)[1]
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("text_fingerprint") == text_fp:
+                return
+    except Exception:  # noqa: BLE001 - missing or damaged: compute it
+        pass
+    prompt, pooled, _ = encoders.encode_texts([""])
+    C.CacheWriter(root, fingerprint).write_empty_embeddings(prompt[0], pooled[0])
