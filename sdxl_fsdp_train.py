@@ -1,0 +1,28 @@
+"""Full fine-tuning of the SDXL UNet with FSDP2 (FULL_SHARD by default) from a latent/embedding cache.
+
+One GPU, several GPUs or several machines; CPU processes over gloo when there is no GPU:
+
+    accelerate launch --config_file configs/accelerate/2gpu.yaml sdxl_fsdp_train.py \\
+        --pretrained_model_name_or_path models/sdxl-base --cached_dataset_dirs cache/ --output_dir runs/my-run
+    torchrun --nproc_per_node 8 sdxl_fsdp_train.py ...
+    python sdxl_fsdp_train.py ...          (one process, no launcher)
+
+Resume after a stop or a crash with --resume_from_checkpoint auto. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from sdxl_trainer import train, train_args
+
+    args = train_args.parse_args(argv, description=__doc__)
+    summary = train.main(args)
+    return 0 if summary.get("completed") or summary.get("stopped_by_signal") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""The training data over the cache: item list, validation hold-out, per-epoch bucket batches, leftovers,
+and a Dataset whose randomness is keyed by item so that any number of ranks and any resume see the same.
+
+Every rank builds the same plan from the same sorted items and the same seed, so ranks never disagree about
+the data (B5) and never wait for a batch another rank does not have: a plan is a list of GLOBAL batches of
+`train_batch_size * world_size` items from one bucket, and rank r takes slice r of each. A bucket's
+remainder smaller than a global batch is carried into the next epoch exactly once (B6, B7).
+
+Randomness (posterior sample, diffusion noise, timestep, caption dropout) comes from a generator seeded by
+(seed, item, epoch of its permutation): the same numbers whatever the rank layout, the DataLoader workers
+or a resume, so 2 processes reproduce 1 process with the same global batch and a resumed run reproduces an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from sdxl_trainer import cache as cache_lib
+from sdxl_trainer import diffusion
+
+VALIDATION_EPOCH = -1  # the "permutation epoch" of validation samples: fixed noise for every evaluation
+Sample = tuple[int, int]  # (entry index, epoch whose permutation it belongs to)
+
+
+class DataError(RuntimeError):
+    """The data cannot be trained on; the message names the flag."""
+
+
+def mix_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts, stable across processes and Python runs (no hash randomisation)."""
+    digest = hashlib.blake2b(repr(parts).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class Entry:
+    uid: str  # "<dataset name>/<item key>": unique over all datasets, stable across runs
+    cache_index: int
+    item: cache_lib.CacheItem
+
+    @property
+    def bucket_wh(self) -> tuple[int, int]:
+        return self.item.bucket_wh
+
+
+# ------------------------------------------------------------------------------------------ item list
+
+
+def resolve_cache_paths(dirs: Sequence[str], lists: Sequence[str]) -> list[Path]:
+    """`--cached_dataset_dirs` are cache roots or dataset cache folders (B15); `--cached_dataset_lists` (the
+    original's .list files) are mapped to the dataset cache folder that holds them."""
+    paths: list[str | Path] = list(dirs)
+    for item in lists:
+        p = Path(item)
+        if not p.exists():
+            raise DataError(f"--cached_dataset_lists: {item} does not exist")
+        paths.append(p if p.is_dir() else p.parent)
+    try:
+        return cache_lib.find_dataset_caches(paths)
+    except cache_lib.CacheError as exc:
+        raise DataError(f"--cached_dataset_dirs: {exc}") from exc
+
+
+def check_cache_settings(caches: Sequence[cache_lib.DatasetCache], expected: dict[str, int | None]) -> None:
+    """Flags such as --max_resolution, when given, must match what the cache was built with."""
+    for c in caches:
+        fp = c.fingerprint.get("image", c.fingerprint)
+        for name, value in expected.items():
+            if value is not None and name in fp and fp[name] != value:
+                raise DataError(
+                    f"--{name} {value}: the cache {c.root} was built with {fp[name]}; re-run "
+                    "sdxl_process_data_dir.py with the same value or drop the flag"
+                )
+
+
+def verify_items(cache: cache_lib.DatasetCache) -> tuple[list[cache_lib.CacheItem], list[str]]:
+    """Open every item file (header and tensor names); return the good items and one line per bad one."""
+    from safetensors import safe_open
+
+    good, bad = [], []
+    for item in cache.items:
+        path = cache.root / item.tensor_file
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                missing = [n for n in cache_lib.ITEM_TENSORS if n not in f.keys()]
+            if missing:
+                raise ValueError(f"missing tensors {missing}")
+            good.append(item)
+        except Exception as exc:  # noqa: BLE001 - reported and left out, never a crash of the run
+            bad.append(f"{path}: {exc}")
+    return good, bad
+
+
+def load_entries(
+    cache_paths: Sequence[Path], verify: bool = False
+) -> tuple[list[cache_lib.DatasetCache], list[Entry], list[str]]:
+    """Open every dataset cache; entries sorted by (dataset, key): the same order on every rank."""
+    caches = [cache_lib.open_dataset_cache(p) for p in cache_paths]
+    entries: list[Entry] = []
+    problems: list[str] = []
+    seen_names: dict[str, int] = {}
+    for ci, c in enumerate(caches):
+        name = c.name if c.name not in seen_names else f"{c.name}#{ci}"
+        seen_names[name] = ci
+        items = c.items
+        if verify:
+            items, bad = verify_items(c)
+            problems += bad
+        entries += [Entry(f"{name}/{it.key}", ci, it) for it in items]
+    if not entries:
+        raise DataError(f"--cached_dataset_dirs: the caches {[str(p) for p in cache_paths]} hold no items")
+    return caches, entries, problems
+
+
+# ------------------------------------------------------------------------------------------ split
+
+
+def split_validation(uids: Sequence[str], fraction: float, seed: int) -> set[str]:
+    """Deterministic hold-out: the round(fraction * N) items with the smallest hash of (seed, uid).
+
+    Independent of the input order and of the rank. At least one item when fraction > 0 and there are at
+    least two items (so a small dataset still gets a validation loss, B18); never every item.
+    """
+    if fraction <= 0 or len(uids) < 2:
+        return set()
+    count = min(len(uids) - 1, max(1, round(fraction * len(uids))))
+    ranked = sorted(uids, key=lambda u: (mix_seed(seed, "validation-split", u), u))
+    return set(ranked[:count])
+
+
+# ------------------------------------------------------------------------------------------ epoch plan
+
+
+@dataclass
+class EpochPlan:
+    batches: list[list[Sample]]  # global batches trained this epoch, each from one bucket; a multiple of G
+    leftovers: list[Sample]  # items carried into the next epoch (a bucket's remainder < a global batch)
+    deferred: list[list[Sample]]  # whole batches carried into the next epoch (< G: not a full optimizer step)
+
+
+def group_by_bucket(buckets: Sequence[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, b in enumerate(buckets):
+        groups[b].append(i)
+    return dict(sorted(groups.items()))
+
+
+def plan_epoch(
+    buckets: Sequence[tuple[int, int]],
+    carried: Sequence[Sample],
+    deferred: Sequence[Sequence[Sample]],
+    global_batch: int,
+    accumulation_steps: int,
+    seed: int,
+    epoch: int,
+) -> EpochPlan:
+    """Global batches of one epoch.
+
+    Per bucket: the items carried from the previous epoch come first, then a seeded permutation of all
+    the bucket's items. Carried items are kept out of the first batch's permutation part, so no batch ever
+    holds an item twice; this needs every bucket to have >= global_batch items (see `trainable_entries`).
+    Each item of this epoch's permutation is used exactly once: in a batch now, or as a leftover at the
+    start of the next epoch. The batches of all buckets are shuffled together, after the batches deferred
+    from the previous epoch; whatever does not fill a whole optimizer step (fewer than `accumulation_steps`
+    batches) is deferred to the next epoch, so an epoch is always a whole number of optimizer steps and
+    epoch boundaries (evaluation, saving) fall between optimizer steps.
+    """
+    by_bucket = group_by_bucket(buckets)
+    carried_by_bucket: dict[tuple[int, int], list[Sample]] = defaultdict(list)
+    for s in carried:
+        carried_by_bucket[buckets[s[0]]].append(s)
+    batches: list[list[Sample]] = []
+    leftovers: list[Sample] = []
+    for bucket, members in by_bucket.items():
+        if len(members) < global_batch:
+            raise DataError(f"bucket {bucket} has {len(members)} items, fewer than a global batch ({global_batch})")
+        perm = list(members)
+        random.Random(mix_seed(seed, "permutation", epoch, bucket)).shuffle(perm)
+        head_carried = carried_by_bucket.get(bucket, [])
+        if head_carried:
+            taken = {s[0] for s in head_carried}
+            room = global_batch - len(head_carried)
+            head = [i for i in perm if i not in taken][:room]
+            head_set = set(head)
+            perm = head + [i for i in perm if i not in head_set]
+        pool = list(head_carried) + [(i, epoch) for i in perm]
+        full = len(pool) // global_batch * global_batch
+        batches += [pool[k : k + global_batch] for k in range(0, full, global_batch)]
+        leftovers += pool[full:]
+    random.Random(mix_seed(seed, "batch-order", epoch)).shuffle(batches)
+    batches = [list(b) for b in deferred] + batches
+    trained = len(batches) // accumulation_steps * accumulation_steps
+    return EpochPlan(batches[:trained], leftovers, batches[trained:])
+
+
+def epoch_step_counts(
+    bucket_sizes: Sequence[int], global_batch: int, accumulation_steps: int, num_epochs: int
+) -> list[int]:
+    """Optimizer steps in each epoch, from counts alone (no permutations): per bucket, carried + size items
+    form (carried + size) // global_batch batches and leave the remainder; batches that do not fill an
+    optimizer step are deferred to the next epoch. Matches `plan_epoch` exactly."""
+    carried = [0] * len(bucket_sizes)
+    deferred = 0
+    steps = []
+    for _ in range(num_epochs):
+        batches = deferred
+        for i, n in enumerate(bucket_sizes):
+            pool = carried[i] + n
+            batches += pool // global_batch
+            carried[i] = pool % global_batch
+        steps.append(batches // accumulation_steps)
+        deferred = batches % accumulation_steps
+    return steps
+
+
+def trainable_entries(entries: Sequence[Entry], global_batch: int) -> tuple[list[Entry], list[str]]:
+    """Drop (and report) the items of buckets smaller than a global batch: such a bucket can never fill a
+    batch without repeating an item."""
+    by_bucket = group_by_bucket([e.bucket_wh for e in entries])
+    keep, notes = [], []
+    small = {b for b, m in by_bucket.items() if len(m) < global_batch}
+    for b in sorted(small):
+        notes.append(
+            f"bucket {b[0]}x{b[1]}: {len(by_bucket[b])} items < global batch {global_batch} "
+            "(--train_batch_size x processes); not trained"
+        )
+    keep = [e for e in entries if e.bucket_wh not in small]
+    return keep, notes
+
+
+def validation_batches(buckets: Sequence[tuple[int, int]], global_batch: int) -> list[list[tuple[int, float]]]:
+    """Global validation batches covering every held-out item once: full chunks per bucket, and the last
+    chunk padded to a full global batch by repeating items with weight 0 (every rank runs the same number
+    of forward passes, FSDP needs that, and padding never changes the mean)."""
+    batches = []
+    for members in group_by_bucket(buckets).values():
+        for k in range(0, len(members), global_batch):
+            chunk = [(i, 1.0) for i in members[k : k + global_batch]]
+            pad = [(chunk[j % len(chunk)][0], 0.0) for j in range(global_batch - len(chunk))]
+            batches.append(chunk + pad)
+    return batches
+
+
+# ------------------------------------------------------------------------------------------ sampler state
+
+
+@dataclass
+class SamplerState:
+    """Where the data stream stands: checkpointed, so a resume continues with the very next batch."""
+
+    epoch: int = 1  # the epoch being trained (1-based; epoch 0 is the base model)
+    position: int = 0  # global batches of this epoch already consumed
+    carried_in: list[Sample] = field(default_factory=list)  # leftover items carried into this epoch
+    deferred_in: list[list[Sample]] = field(default_factory=list)  # whole batches carried into this epoch
+
+    def to_json(self, entries: Sequence[Entry]) -> dict:
+        def uids(samples: Sequence[Sample]) -> list:
+            return [[entries[i].uid, e] for i, e in samples]
+
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "carried_in": uids(self.carried_in),
+            "deferred_in": [uids(b) for b in self.deferred_in],
+        }
+
+    @classmethod
+    def from_json(cls, value: dict, entries: Sequence[Entry]) -> SamplerState:
+        index = {e.uid: i for i, e in enumerate(entries)}
+
+        def samples(pairs: list) -> list[Sample]:
+            missing = [uid for uid, _ in pairs if uid not in index]
+            if missing:
+                raise DataError(
+                    f"--resume_from_checkpoint: {len(missing)} items of the saved data position are no longer in "
+                    "the cache (or are now held out); resume with the same cache"
+                )
+            return [(index[u], int(e)) for u, e in pairs]
+
+        return cls(
+            int(value["epoch"]),
+            int(value["position"]),
+            samples(value["carried_in"]),
+            [samples(b) for b in value["deferred_in"]],
+        )
+
+
+def rank_slice(global_batch: Sequence, rank: int, per_rank: int) -> list:
+    return list(global_batch[rank * per_rank : (rank + 1) * per_rank])
+
+
+# ------------------------------------------------------------------------------------------ dataset
+
+
+class CachedLatentDataset(Dataset):
+    """Reads one item from the cache on CPU (safe in DataLoader workers) and draws its randomness.
+
+    Indexed by (entry index, permutation epoch, weight); returns fp32 tensors and int64 time ids.
+    """
+
+    def __init__(
+        self,
+        caches: Sequence[cache_lib.DatasetCache],
+        entries: Sequence[Entry],
+        seed: int,
+        num_train_timesteps: int,
+        dropout_fraction: float,
+    ):
+        self.caches = list(caches)
+        self.entries = list(entries)
+        self.seed = seed
+        self.num_train_timesteps = num_train_timesteps
+        self.dropout_fraction = dropout_fraction
+        self.empty = [c.load_empty_embeddings() for c in self.caches]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, key: tuple[int, int, float]) -> dict[str, torch.Tensor]:
+        index, perm_epoch, weight = key
+        entry = self.entries[index]
+        tensors = self.caches[entry.cache_index].load_item_tensors(entry.item)
+        g = torch.Generator().manual_seed(mix_seed(self.seed, "sample", entry.uid, perm_epoch))
+        # Fixed draw order: dropout, posterior sample, noise, timestep.
+        drop = torch.rand((), generator=g).item() < self.dropout_fraction and perm_epoch != VALIDATION_EPOCH
+        text = self.empty[entry.cache_index] if drop else tensors
+        latents = diffusion.sample_latents(tensors["latent_mean"], tensors["latent_std"], g)
+        noise = diffusion.sample_noise(latents.shape, g)
+        timestep = diffusion.sample_timesteps(1, self.num_train_timesteps, g)[0]
+        it = entry.item
+        return {
+            "latents": latents,
+            "noise": noise,
+            "timesteps": timestep,
+            "prompt_embeds": text["prompt_embeds"].float(),
+            "pooled_prompt_embeds": text["pooled_prompt_embeds"].float(),
+            "original_size_hw": torch.tensor(it.original_size_hw, dtype=torch.int64),
+            "crop_top_left": torch.tensor(it.crop_top_left, dtype=torch.int64),
+            "target_size_hw": torch.tensor(it.target_size_hw, dtype=torch.int64),
+            "weight": torch.tensor(float(weight)),
+            "index": torch.tensor(index, dtype=torch.int64),
+            "dropped": torch.tensor(drop),
+        }
+
+
+def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack per key, and build SDXL time ids per sample: a (B, 6) tensor, rows in SDXL's order (B1)."""
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    batch["time_ids"] = diffusion.compute_time_ids(
+        batch.pop("original_size_hw"), batch.pop("crop_top_left"), batch.pop("target_size_hw")
+    )
+    return batch
+
+
+def make_loader(
+    dataset: CachedLatentDataset, batches: Sequence[Sequence[tuple[int, int, float]]], num_workers: int, pin: bool
+) -> torch.utils.data.DataLoader:
+    """A DataLoader over a precomputed list of this rank's batches (the sampler is the plan)."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=[list(b) for b in batches],
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

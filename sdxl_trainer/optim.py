@@ -1,0 +1,160 @@
+"""Optimizers that step each rank's local shards: 8-bit AdamW under FULL_SHARD with exact, per-rank state.
+
+bitsandbytes kernels do not accept DTensors (`optimizer_update_8bit_blockwise got mixed torch.Tensor and
+DTensor`, measured on an H200 under FSDP2). FSDP2 parameters are DTensors whose local shard is an ordinary
+tensor, and AdamW/Lion are elementwise: stepping every rank's local shard with its local gradient shard
+is the same update as stepping the whole tensor. So `LocalShardOptimizer` keeps plain tensors that alias
+the local shards (`p.to_local().detach()` shares storage, in-place updates land in the DTensor) and runs
+the inner optimizer on them. Its state is local by construction and is saved per rank (checkpoint.py).
+
+Two things depend on the shard layout and are pinned here:
+  * bitsandbytes gives a tensor 32-bit state instead of 8-bit when it has fewer than `min_8bit_size`
+    (4096) elements. Judged on a local shard, that choice would change with the number of processes
+    (a 6000-element bias is 8-bit on 1 GPU and 32-bit on 2). We decide on the GLOBAL element count, the
+    same choice an unsharded run makes, and tell bitsandbytes per tensor (`eight_bit_state`).
+  * 8-bit state is quantized in blocks of 256 elements of the flattened local shard, so block boundaries
+    (hence rounding) differ between 1 and N processes: tiny differences, not drift. Resume with the same
+    number of processes is exact; the checkpoint refuses a different layout for the optimizer state.
+Adafactor factors the second moment over the rows/columns of the LOCAL shard (rows are whole, columns are
+split across ranks), an approximation that also depends on the number of processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.distributed.tensor import DTensor
+
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes' default threshold, applied to the global element count
+
+
+def eight_bit_state(global_numel: int, min_8bit_size: int = BNB_MIN_8BIT_SIZE) -> bool:
+    """Whether a parameter gets 8-bit optimizer state: by its unsharded size, as on a single GPU."""
+    return global_numel >= min_8bit_size
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+class LocalShardOptimizer:
+    """Runs a torch/bitsandbytes optimizer on plain tensors aliasing each parameter's local shard."""
+
+    def __init__(self, params: list[torch.nn.Parameter], name: str, inner_factory):
+        self.name = name
+        self.params = [p for p in params if p.requires_grad]
+        # Ranks whose shard of a small tensor is empty own nothing of it (FSDP2 pads dim 0 unevenly).
+        self.pairs = [(p, _local(p).detach()) for p in self.params if _local(p).numel() > 0]
+        self.locals = [loc for _, loc in self.pairs]
+        self.inner = inner_factory(self.locals, [p.numel() for p, _ in self.pairs])
+
+    @property
+    def param_groups(self):
+        return self.inner.param_groups
+
+    def bind_grads(self) -> None:
+        """Point every local alias's .grad at the local shard of the parameter's gradient (no copy), so
+        unscaling (fp16) and the step act on the real gradient memory."""
+        for p, loc in self.pairs:
+            shard = _local(p)
+            if loc.data_ptr() != shard.data_ptr():
+                # FSDP2 may re-home a shard (lazy init at the first forward); keep the alias object, whose
+                # identity keys the inner optimizer's state, and point it at the new storage.
+                loc.data = shard.detach()
+            loc.grad = None if p.grad is None else _local(p.grad)
+
+    def step(self) -> None:
+        self.bind_grads()
+        self.inner.step()
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+        for loc in self.locals:
+            loc.grad = None
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+    def layout(self) -> list[list[int]]:
+        """Shapes of the local shards in order: a resume must see the same layout to reuse the state."""
+        return [list(loc.shape) for loc in self.locals]
+
+
+def _bnb_factory(kind: str, args: argparse.Namespace):
+    def build(locals_: list[torch.Tensor], global_numels: list[int]):
+        import bitsandbytes as bnb
+
+        betas = (args.adam_beta1, args.adam_beta2)
+        if kind == "adamw8bit":
+            opt = bnb.optim.AdamW8bit(
+                locals_, lr=args.learning_rate, betas=betas, eps=args.adam_epsilon, weight_decay=args.adam_weight_decay
+            )
+        else:
+            opt = bnb.optim.Lion8bit(locals_, lr=args.learning_rate, betas=betas, weight_decay=args.adam_weight_decay)
+        manager = bnb.optim.GlobalOptimManager.get_instance()
+        for loc, numel in zip(locals_, global_numels, strict=True):
+            # Override both ways, per tensor: bitsandbytes keys overrides by id(), which a freed tensor of an
+            # earlier optimizer in the same process may have used.
+            config = {"min_8bit_size": 0, "optim_bits": 8} if eight_bit_state(numel) else {"optim_bits": 32}
+            manager.override_config(loc, key_value_dict=config)
+        return opt
+
+    return build
+
+
+def _torch_adamw_factory(args: argparse.Namespace):
+    def build(locals_: list[torch.Tensor], global_numels: list[int]):
+        return torch.optim.AdamW(
+            locals_,
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            weight_decay=args.adam_weight_decay,
+            foreach=True,
+        )
+
+    return build
+
+
+def _adafactor_factory(args: argparse.Namespace):
+    def build(locals_: list[torch.Tensor], global_numels: list[int]):
+        from transformers.optimization import Adafactor
+
+        # A fixed learning rate driven by our schedule, as SDXL fine-tuning recipes use Adafactor.
+        return Adafactor(
+            locals_,
+            lr=args.learning_rate,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+            weight_decay=args.adam_weight_decay,
+        )
+
+    return build
+
+
+def build_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> LocalShardOptimizer:
+    factories = {
+        "adamw8bit": _bnb_factory("adamw8bit", args),
+        "lion8bit": _bnb_factory("lion8bit", args),
+        "adamw": _torch_adamw_factory(args),
+        "adafactor": _adafactor_factory(args),
+    }
+    if args.optimizer not in factories:
+        raise ValueError(f"--optimizer: unknown {args.optimizer!r}; choose one of {sorted(factories)}")
+    return LocalShardOptimizer(params, args.optimizer, factories[args.optimizer])
+
+
+def state_bits(optimizer: LocalShardOptimizer) -> list[int]:
+    """8 or 32 per local tensor with state (for tests and the log)."""
+    bits = []
+    for loc in optimizer.locals:
+        st = optimizer.inner.state.get(loc, {})
+        if "state1" in st:
+            bits.append(8 if st["state1"].dtype == torch.uint8 else 32)
+    return bits

@@ -1,0 +1,70 @@
+"""Helpers for the trainer's tests: a synthetic cache for the tiny model, and reading a run's metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from sdxl_trainer.cache import CacheWriter
+
+# The tiny model's text sizes (sdxl_trainer.tiny_model): context 32 + 48, pooled = te2 projection 40.
+TINY_CONTEXT_DIM = 80
+TINY_POOLED_DIM = 40
+
+
+def write_synthetic_cache(
+    root: Path, bucket_counts: dict[tuple[int, int], int], seed: int = 0, name: str | None = None
+) -> Path:
+    """A dataset cache with `count` items per bucket (width_px, height_px); tensors are random but fixed."""
+    g = torch.Generator().manual_seed(seed)
+    writer = CacheWriter(root, fingerprint={"image": {"synthetic": 1}, "text": {"synthetic": 1}}, name=name)
+    writer.write_empty_embeddings(torch.zeros(77, TINY_CONTEXT_DIM), torch.zeros(TINY_POOLED_DIM))
+    n = 0
+    for (w, h), count in sorted(bucket_counts.items()):
+        for _ in range(count):
+            shape = (4, h // 8, w // 8)
+            tensors = {
+                "latent_mean": torch.randn(shape, generator=g).half(),
+                "latent_std": (0.1 * torch.rand(shape, generator=g)).half(),
+                "prompt_embeds": torch.randn(77, TINY_CONTEXT_DIM, generator=g).half(),
+                "pooled_prompt_embeds": torch.randn(TINY_POOLED_DIM, generator=g).half(),
+            }
+            # Distinct micro-conditioning per item, so a scrambled time-ids layout would be visible.
+            writer.write_item(
+                f"img_{n:04d}.png",
+                f"caption {n}",
+                bucket_wh=(w, h),
+                original_size_hw=(h + 3 * n, w + 5 * n),
+                crop_top_left=(n % 7, n % 5),
+                tensors=tensors,
+            )
+            n += 1
+    writer.finalize()
+    return root
+
+
+def read_metrics(run_dir: Path, event: str = "step") -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("event") == event]
+
+
+def base_args(model_dir: Path, cache_dir: Path, out_dir: Path, *extra: str) -> list[str]:
+    """Flags of a small, fast, deterministic CPU run (fp32, torch AdamW, no checkpointing of activations)."""
+    return [
+        "--pretrained_model_name_or_path", str(model_dir),
+        "--cached_dataset_dirs", str(cache_dir),
+        "--output_dir", str(out_dir),
+        "--log_dir", str(out_dir / "tb"),
+        "--train_batch_size", "2",
+        "--gradient_accumulation_steps", "1",
+        "--num_train_epochs", "1",
+        "--mixed_precision", "no",
+        "--optimizer", "adamw",
+        "--learning_rate", "1e-3",
+        "--no-gradient_checkpointing",
+        "--dataloader_num_workers", "0",
+        "--save_model_every_n_epochs", "1000",
+        *extra,
+    ]  # fmt: skip
