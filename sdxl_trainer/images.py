@@ -124,18 +124,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def load_image(path: Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, data: bytes | None = None) -> Image.Image:
-    """Open, check, decode, orient (EXIF) and convert one image to RGB; raises ImageSkip with the reason.
-
-    `data`: the file's bytes when the caller already read them (to hash exactly what is decoded)."""
-    if data is None:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ImageSkip(f"unreadable: {exc.strerror or exc}") from exc
-    if not data:
-        raise ImageSkip("empty file (0 bytes)")
-    # PIL's own bomb check follows this limit too (it raises above twice the limit, warns above it).
+def _open_checked(data: bytes, max_image_pixels: int) -> Image.Image:
+    """Decode, refusing images over the pixel limit before their pixels are decoded."""
+    # PIL's own bomb check (a warning above MAX_IMAGE_PIXELS, an error above twice that) follows our limit
+    # while we decode; the process-wide setting is restored afterwards.
+    previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_image_pixels
     try:
         with warnings.catch_warnings():
@@ -147,14 +140,31 @@ def load_image(path: Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, dat
                     f"refused: {width}x{height} = {width * height} px is over --max_image_pixels {max_image_pixels}"
                 )
             image.load()
+            return image
     except ImageSkip:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageSkip(f"refused as a decompression bomb: {exc}") from exc
+        raise ImageSkip(f"refused as a decompression bomb (over --max_image_pixels {max_image_pixels}): {exc}") from exc
     except UnidentifiedImageError:
         raise ImageSkip("not a readable image (unknown or damaged format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageSkip(f"truncated or damaged: {exc}") from exc
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def load_image(path: Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, data: bytes | None = None) -> Image.Image:
+    """Open, check, decode, orient (EXIF) and convert one image to RGB; raises ImageSkip with the reason.
+
+    `data`: the file's bytes when the caller already read them (to hash exactly what is decoded)."""
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ImageSkip(f"unreadable: {exc.strerror or exc}") from exc
+    if not data:
+        raise ImageSkip("empty file (0 bytes)")
+    image = _open_checked(data, max_image_pixels)
     try:
         image = ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - broken EXIF: keep the stored orientation
