@@ -184,6 +184,15 @@ def pad_to_multiple(tensor: torch.Tensor, align_px: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit grey images ("I;16", or "I" as PIL opens 16-bit PNGs) scaled to 8 bits: PIL's own convert clips
+    them at 255, which turns most of the picture white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        array = np.asarray(image).astype(np.int64)
+        return Image.fromarray((np.clip(array, 0, 65535) >> 8).astype(np.uint8))
+    return image
+
+
 def pil_to_tensor(image: Image.Image, channels: int) -> torch.Tensor:
     """(C, H, W) float32 in [0, 1]; 3 channels from RGB, 1 from luminance."""
     array = np.asarray(image.convert("RGB" if channels == 3 else "L"), dtype=np.float32) / 255.0
@@ -317,6 +326,7 @@ class Upscaler:
             if len(size) != 2 or min(size) < 1:
                 raise ValueError(f"target size must be (width_px, height_px) >= 1, got {size}")
         channels = self.model.input_channels
+        images = [to_8bit(image) for image in images]
         native = self.run_network([pil_to_tensor(image, channels) for image in images])
         results = []
         for image, out, size_wh in zip(images, native, sizes_wh, strict=True):

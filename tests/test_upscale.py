@@ -158,6 +158,9 @@ def test_modes_grey_and_alpha_are_kept(weights):
     rgba.putalpha(Image.new("L", (16, 12), 100))
     out = up.upscale(rgba, (32, 24))
     assert out.mode == "RGBA" and out.getchannel("A").getextrema() == (100, 100)
+    sixteen = Image.fromarray(np.full((12, 16), 40000, dtype=np.uint16))  # 16-bit grey: 40000 / 257 = 156
+    plain = up.upscale(Image.new("L", (16, 12), 156), (32, 24))
+    assert np.array_equal(np.asarray(up.upscale(sixteen, (32, 24))), np.asarray(plain))
 
 
 # --- tiling and batching against the untiled network -------------------------------------------------
