@@ -116,8 +116,12 @@ class CachingArgs:
             )
         if self.max_image_pixels < 64 * 64:
             raise CachingArgsError(f"--max_image_pixels {self.max_image_pixels}: too small")
-        if self.vae and not Path(self.vae).exists() and self.vae.count("/") != 1:
-            raise CachingArgsError(f"--vae {self.vae}: no such folder")
+        for flag in ("pretrained_model_name_or_path", "vae"):
+            value = getattr(self, flag)
+            # A local path must exist; "org/name" may be a hub id (read from the local hub cache only).
+            looks_local = value and (value.startswith((".", "/", "~")) or value.count("/") != 1)
+            if looks_local and not Path(value).expanduser().exists():
+                raise CachingArgsError(f"--{flag} {value}: no such folder")
 
     def resolved_num_workers(self, world_size: int) -> int:
         if self.num_workers is not None:
