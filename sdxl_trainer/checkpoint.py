@@ -68,15 +68,23 @@ def find_resume_checkpoint(resume: str | None, output_dir: str | Path) -> Path |
 # ------------------------------------------------------------------------------ JSON <-> tensors
 
 
-def _flatten(obj: object, tensors: dict[str, torch.Tensor], prefix: str) -> object:
-    """JSON-able structure with tensors moved into `tensors` (names are paths); dict keys keep their types."""
+def _flatten(obj: object, tensors: dict[str, torch.Tensor], prefix: str, seen: dict[int, str] | None = None) -> object:
+    """JSON-able structure with tensors moved into `tensors` (names are paths); dict keys keep their types.
+
+    A tensor object met twice (bitsandbytes shares one quantization map between parameters) is stored once.
+    """
+    seen = {} if seen is None else seen
     if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj.detach().to("cpu").contiguous()
-        return {"__tensor__": prefix}
+        if id(obj) not in seen:
+            copy = obj.detach().to("cpu")
+            # safetensors refuses tensors sharing memory: own every stored tensor.
+            tensors[prefix] = (copy.clone() if copy.data_ptr() == obj.data_ptr() else copy).contiguous()
+            seen[id(obj)] = prefix
+        return {"__tensor__": seen[id(obj)]}
     if isinstance(obj, dict):
-        return {"__dict__": [[k, _flatten(v, tensors, f"{prefix}/{k}")] for k, v in obj.items()]}
+        return {"__dict__": [[k, _flatten(v, tensors, f"{prefix}/{k}", seen)] for k, v in obj.items()]}
     if isinstance(obj, list | tuple):
-        return [_flatten(v, tensors, f"{prefix}/{i}") for i, v in enumerate(obj)]
+        return [_flatten(v, tensors, f"{prefix}/{i}", seen) for i, v in enumerate(obj)]
     if obj is None or isinstance(obj, bool | int | float | str):
         return obj
     raise CheckpointError(f"cannot store a {type(obj).__name__} at {prefix} in a checkpoint")

@@ -70,3 +70,18 @@ def compute_time_ids(
     if rows.ndim != 2 or rows.shape[1] != 6:
         raise ValueError(f"time ids need (B,2) inputs each, got a result of shape {tuple(rows.shape)}")
     return rows.to(torch.int64)
+
+
+def predict(unet: torch.nn.Module, scheduler, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's prediction and the training target for one batch (tensors already on the device): noisy
+    latents by the scheduler, SDXL conditioning = context, pooled text embedding and per-sample time ids."""
+    latents, noise, timesteps = batch["latents"], batch["noise"], batch["timesteps"]
+    noisy = add_noise(scheduler, latents, noise, timesteps)
+    target = training_target(scheduler, latents, noise, timesteps)
+    prediction = unet(
+        noisy,
+        timesteps,
+        encoder_hidden_states=batch["prompt_embeds"],
+        added_cond_kwargs={"text_embeds": batch["pooled_prompt_embeds"], "time_ids": batch["time_ids"]},
+    ).sample
+    return prediction, target

@@ -63,6 +63,7 @@ class RunLogger:
 
     def __init__(self, enabled: bool, run_dir: Path, tb_dir: Path, total_steps: int, initial_step: int):
         self.enabled = enabled
+        self.last_memory: list[tuple[float, float]] = []  # (allocated, peak) GiB per rank, latest step
         self.tb = None
         self.bar = None
         self.metrics_file = None
@@ -95,7 +96,8 @@ class RunLogger:
         self.scalar(TAG_IMGS_PER_SEC, imgs_per_sec, step)
         if extra.get("loss_scale") is not None:
             self.scalar(TAG_LOSS_SCALE, extra["loss_scale"], step)
-        for rank, (alloc, peak) in enumerate(extra.pop("memory_gib", [])):
+        self.last_memory = extra.pop("memory_gib", [])
+        for rank, (alloc, peak) in enumerate(self.last_memory):
             if alloc or peak:
                 self.scalar(TAG_VRAM.format(rank=rank), alloc, step)
                 self.scalar(TAG_VRAM_PEAK.format(rank=rank), peak, step)

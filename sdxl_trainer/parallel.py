@@ -113,3 +113,37 @@ def verify_sharding(unet: torch.nn.Module, mesh: DeviceMesh, strategy: str) -> d
             f"--sharding {strategy}: this rank holds {local} of {total} elements, expected about 1/{shard_size}"
         )
     return {"parameters": len(params), "local_elements": local, "global_elements": total, "shard_size": shard_size}
+
+
+def build_sharded_unet(
+    pretrained: str,
+    info: DistInfo,
+    mesh: DeviceMesh,
+    strategy: str,
+    mixed_precision: str,
+    gradient_checkpointing: bool,
+    load_base_weights: bool = True,
+) -> torch.nn.Module:
+    """The UNet built on the meta device, sharded, then filled with the base weights streamed from rank 0.
+
+    No rank but rank 0 ever holds a full fp32 copy in CPU RAM (the original loaded one per rank, B30).
+    When resuming, the checkpoint fills the shards instead (`load_base_weights=False`).
+    """
+    from diffusers import UNet2DConditionModel
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from sdxl_trainer import models
+
+    config = UNet2DConditionModel.load_config(pretrained, subfolder="unet", local_files_only=models._local_only())
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    unet.train()
+    if gradient_checkpointing:
+        apply_activation_checkpointing(unet)
+    apply_fsdp(unet, mesh, strategy, build_mp_policy(mixed_precision))
+    unet.to_empty(device=info.device)
+    if load_base_weights:
+        full = models.load_unet(pretrained, torch_dtype=torch.float32).state_dict() if info.is_main_process else {}
+        set_model_state_dict(unet, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full
+    return unet
