@@ -88,7 +88,9 @@ def init_single_gpu_group():
         dist.init_process_group("nccl", rank=0, world_size=1)
 
 
-def build_unet(fsdp: bool, checkpointing: bool, channels_last: bool, compile_blocks: bool, cpu_offload: bool = False):
+def build_unet(
+    fsdp: bool, checkpointing: bool, channels_last: bool, compile_blocks: str | bool, cpu_offload: bool = False
+):
     from diffusers import UNet2DConditionModel
 
     with torch.device("cuda"):
@@ -96,6 +98,14 @@ def build_unet(fsdp: bool, checkpointing: bool, channels_last: bool, compile_blo
     unet.train()
     if checkpointing:
         unet.enable_gradient_checkpointing()
+    if compile_blocks:
+        # Regional compilation: diffusers compiles every BasicTransformerBlock (one compiled graph serves all the
+        # same-shaped layers); the resnets are compiled the same way so GroupNorm+SiLU fuse with their neighbours.
+        unet.compile_repeated_blocks()
+        if compile_blocks == "regional+resnets":
+            for module in unet.modules():
+                if type(module).__name__ == "ResnetBlock2D":
+                    module.compile()
     if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     if fsdp:
@@ -107,8 +117,6 @@ def build_unet(fsdp: bool, checkpointing: bool, channels_last: bool, compile_blo
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
         for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
-            if compile_blocks:
-                block.compile()
             fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload)
         fully_shard(unet, mesh=mesh, mp_policy=mp, offload_policy=offload)
     return unet
@@ -188,63 +196,104 @@ def run(cfg: dict, steps: int, baseline: float | None, memory_cap_gib: float | N
     return result
 
 
-CONFIGS = [
-    dict(
-        name="original_recipe_fp32w_fp16amp_ckpt_bnb8bit",
-        batch=8,
-        fsdp=False,
+def cap_config(batch: int, offload: bool) -> dict:
+    name = "cpu_offload_adamw" if offload else "bnb8bit_local"
+    return dict(
+        name=f"cap24GiB_fsdp2_bf16mp_{name}_ckpt_B{batch}",
+        batch=batch,
+        fsdp=True,
         ckpt=True,
-        optim="bnb8bit_plain",
-        autocast=torch.float16,
-    ),
-    dict(name="fsdp2_bf16mp_foreach", batch=8, fsdp=True, ckpt=False, optim="adamw_foreach"),
-    dict(name="fsdp2_bf16mp_fused", batch=8, fsdp=True, ckpt=False, optim="adamw_fused"),
-    dict(name="fsdp2_bf16mp_bnb8bit_local", batch=8, fsdp=True, ckpt=False, optim="bnb8bit_local"),
-    dict(
-        name="fsdp2_bf16mp_fused_channels_last", batch=8, fsdp=True, ckpt=False, optim="adamw_fused", channels_last=True
-    ),
-    dict(name="fsdp2_bf16mp_fused_B12", batch=12, fsdp=True, ckpt=False, optim="adamw_fused"),
-    dict(name="fsdp2_bf16mp_fused_ckpt_B16", batch=16, fsdp=True, ckpt=True, optim="adamw_fused"),
-    dict(name="fsdp2_bf16mp_bnb8bit_local_ckpt_B32", batch=32, fsdp=True, ckpt=True, optim="bnb8bit_local"),
-    dict(name="fsdp2_bf16mp_fused_compile", batch=8, fsdp=True, ckpt=False, optim="adamw_fused", compile=True),
-]
+        optim="adamw_foreach" if offload else "bnb8bit_local",
+        offload=offload,
+        cap_gib=24.0,
+        steps=2,
+    )
+
+
+CONFIGS = {
+    c["name"]: c
+    for c in [
+        dict(
+            name="original_recipe_fp32w_fp16amp_ckpt_bnb8bit",
+            batch=8,
+            fsdp=False,
+            ckpt=True,
+            optim="bnb8bit_plain",
+            autocast=torch.float16,
+        ),
+        dict(name="fsdp2_bf16mp_foreach", batch=8, fsdp=True, ckpt=False, optim="adamw_foreach"),
+        dict(name="fsdp2_bf16mp_fused", batch=8, fsdp=True, ckpt=False, optim="adamw_fused"),
+        dict(name="fsdp2_bf16mp_bnb8bit_local", batch=8, fsdp=True, ckpt=False, optim="bnb8bit_local"),
+        dict(name="fsdp2_bf16mp_foreach_B12", batch=12, fsdp=True, ckpt=False, optim="adamw_foreach"),
+        dict(name="fsdp2_bf16mp_fused_ckpt_B16", batch=16, fsdp=True, ckpt=True, optim="adamw_fused"),
+        dict(name="fsdp2_bf16mp_bnb8bit_local_ckpt_B32", batch=32, fsdp=True, ckpt=True, optim="bnb8bit_local"),
+        dict(
+            name="fsdp2_bf16mp_foreach_compile_regional",
+            batch=8,
+            fsdp=True,
+            ckpt=False,
+            optim="adamw_foreach",
+            compile="regional",
+        ),
+        dict(
+            name="fsdp2_bf16mp_foreach_compile_regional_resnets",
+            batch=8,
+            fsdp=True,
+            ckpt=False,
+            optim="adamw_foreach",
+            compile="regional+resnets",
+        ),
+        dict(
+            name="fsdp2_bf16mp_foreach_compile_regional_resnets_B12",
+            batch=12,
+            fsdp=True,
+            ckpt=False,
+            optim="adamw_foreach",
+            compile="regional+resnets",
+        ),
+        *[cap_config(b, offload) for b in (1, 2, 4, 8) for offload in (False, True)],
+    ]
+}
+
+
+def run_in_subprocess(name: str, steps: int) -> dict:
+    """Each configuration in its own process: a failed one (out of memory) cannot leak memory into the next."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", name, "--steps", str(steps)], capture_output=True, text=True
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        return dict(name=name, error=f"exit {proc.returncode}: {proc.stderr[-300:]}")
+    return json.loads(lines[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="", help="comma-separated configuration names (default: all)")
+    parser.add_argument("--only", default="", help="comma-separated configuration names or prefixes (default: all)")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--memory_cap_batches", default="1,2,4", help="batches to try under a 24 GiB cap")
+    parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    if args.child:
+        cfg = CONFIGS[args.child]
+        run(cfg, cfg.get("steps", args.steps), None, memory_cap_gib=cfg.get("cap_gib"))
+        return
     print(json.dumps(dict(torch=torch.__version__, gpu=torch.cuda.get_device_name())), flush=True)
-    only = set(filter(None, args.only.split(",")))
+    wanted = [w for w in args.only.split(",") if w]
     baseline = None
-    for cfg in CONFIGS:
-        if only and cfg["name"] not in only and not cfg["name"].startswith("original"):
+    for name in CONFIGS:
+        if not name.startswith("original") and wanted and not any(name.startswith(w) for w in wanted):
             continue
-        r = run(cfg, args.steps, baseline)
-        if cfg["name"].startswith("original"):
-            baseline = r.get("images_per_s")
-    for batch in [int(b) for b in args.memory_cap_batches.split(",") if b]:
-        cfg = dict(
-            name=f"cap24GiB_fsdp2_bf16mp_bnb8bit_local_ckpt_B{batch}",
-            batch=batch,
-            fsdp=True,
-            ckpt=True,
-            optim="bnb8bit_local",
-        )
-        run(cfg, 3, baseline, memory_cap_gib=24.0)
-        offload = dict(
-            name=f"cap24GiB_fsdp2_bf16mp_cpu_offload_adamw_ckpt_B{batch}",
-            batch=batch,
-            fsdp=True,
-            ckpt=True,
-            optim="adamw_foreach",
-            offload=True,
-        )
-        run(offload, 2, baseline, memory_cap_gib=24.0)
+        result = run_in_subprocess(name, args.steps)
+        if name.startswith("original"):
+            baseline = result.get("images_per_s")
+        elif baseline and "images_per_s" in result:
+            result["ratio_to_original_recipe"] = round(result["images_per_s"] / baseline, 2)
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
