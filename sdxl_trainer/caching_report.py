@@ -58,13 +58,14 @@ def finish_shard(root: Path, args: CachingArgs, fingerprint: dict, summary: dict
     if rank != 0:
         return None
     records, skipped = [], []
-    stats = {"encoded": 0, "reused": 0, "seconds": 0.0, "images_per_second": 0.0}
+    stats = {"encoded": 0, "reused": 0, "seconds": 0.0, "images_per_second": 0.0, "encoded_per_process": []}
     for r in range(world):
         name = f"shard-{args.shard_index:05d}-of-{args.num_shards:05d}.rank-{r:05d}-of-{world:05d}.json"
         part = json.loads((parts / name).read_text(encoding="utf-8"))
         records += part["records"]
         skipped += part["skipped"]
         stats["encoded"] += part["encoded"]
+        stats["encoded_per_process"].append(part["encoded"])
         stats["reused"] += part["reused"]
         stats["seconds"] = max(stats["seconds"], part["seconds"])
         stats["images_per_second"] += part["images_per_second"]
@@ -83,6 +84,7 @@ def finish_shard(root: Path, args: CachingArgs, fingerprint: dict, summary: dict
 
 def merge_reports(paths: list[Path]) -> dict:
     merged = {"cached": 0, "skipped": [], "buckets": Counter(), "notes": [], "encoded": 0, "reused": 0}
+    merged["encoded_per_process"] = []
     for path in paths:
         part = json.loads(path.read_text(encoding="utf-8"))
         merged["cached"] += part["cached"]
@@ -91,6 +93,7 @@ def merge_reports(paths: list[Path]) -> dict:
         merged["notes"] += part["notes"]
         merged["encoded"] += part.get("encoded", 0)
         merged["reused"] += part.get("reused", 0)
+        merged["encoded_per_process"] += part.get("encoded_per_process", [])
     merged["skipped"].sort(key=lambda s: s["path"])
     merged["notes"].sort(key=lambda n: n["path"])
     merged["buckets"] = _sorted_buckets(merged["buckets"])
