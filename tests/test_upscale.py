@@ -16,6 +16,7 @@ from upscale_fixtures import (
     esrgan_state_dict,
     gfpgan_state_dict,
     save_weights,
+    to_basicsr_keys,
 )
 
 import upscale as upscale_cli
@@ -113,8 +114,10 @@ def test_target_size_rounds_and_never_returns_zero():
 
 def test_real_x4plus_shape_in_release_key_layout_loads(tmp_path):
     """23 blocks, 64 filters, basicsr key names under params_ema: exactly how RealESRGAN_x4plus.pth is stored."""
-    release = save_weights(esrgan_state_dict(seed=5), tmp_path / "RealESRGAN_x4plus.pth")
-    old_layout = save_weights(esrgan_state_dict(seed=5, basicsr_keys=False), tmp_path / "old.safetensors")
+    old = esrgan_state_dict(seed=5, basicsr_keys=False)
+    release = save_weights(to_basicsr_keys(old, num_blocks=23), tmp_path / "RealESRGAN_x4plus.pth")
+    assert "body.22.rdb3.conv5.weight" in to_basicsr_keys(old, 23) and "conv_up2.weight" in to_basicsr_keys(old, 23)
+    old_layout = save_weights(old, tmp_path / "old.safetensors")
     up = Upscaler(str(release), tile_px=0)
     assert (up.architecture, up.scale, up.model.tags) == ("ESRGAN", 4, ["64nf", "23nb"])
     assert sum(p.numel() for p in up.model.model.parameters()) == pytest.approx(16.7e6, rel=0.01)

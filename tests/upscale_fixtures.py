@@ -31,7 +31,7 @@ def _random_init(module: torch.nn.Module, seed: int, weight_std: float | None) -
         for name, param in module.named_parameters():
             if weight_std is not None and param.dim() == 4:
                 fan_in = param.shape[1] * param.shape[2] * param.shape[3]
-                param.copy_(torch.randn(param.shape, generator=generator) * weight_std / fan_in**0.5)
+                param.normal_(0.0, weight_std / fan_in**0.5, generator=generator)
             elif weight_std is not None and name.endswith("bias"):
                 param.zero_()
         if weight_std is not None:
@@ -51,24 +51,29 @@ def esrgan_state_dict(
     """An RRDBNet (grow channels 32, as in every released ESRGAN) with random weights.
 
     ``num_blocks=23, num_filters=64, scale=4`` is the RealESRGAN_x4plus shape (16.7 M parameters). With
-    ``basicsr_keys`` (scale 4 only) the keys follow the real release; otherwise the old ESRGAN layout
-    (``model.0.weight`` ...) of files such as 4x_foolhardy_Remacri.pth. ``pixel_unshuffle=2`` with ``scale=4``
-    is the RealESRGAN_x2plus trick (the input is space-to-depth folded first, so the net is x2 overall)."""
+    ``basicsr_keys`` (scale 4 only, see ``to_basicsr_keys``) the keys follow the real release; otherwise the
+    old ESRGAN layout (``model.0.weight`` ...) of files such as 4x_foolhardy_Remacri.pth.
+    ``pixel_unshuffle=2`` with ``scale=4`` is the RealESRGAN_x2plus trick (the input is space-to-depth folded
+    first, so the net is x2 overall)."""
     in_nc = 3 * (pixel_unshuffle or 1) ** 2
-    net = ESRGAN(
-        in_nc=in_nc,
-        out_nc=3,
-        num_filters=num_filters,
-        num_blocks=num_blocks,
-        scale=scale,
-        shuffle_factor=pixel_unshuffle,
-    )
+    with torch.device("meta"):  # skip the constructor's own (slow, discarded) initialisation of 16.7 M weights
+        net = ESRGAN(
+            in_nc=in_nc,
+            out_nc=3,
+            num_filters=num_filters,
+            num_blocks=num_blocks,
+            scale=scale,
+            shuffle_factor=pixel_unshuffle,
+        )
+    net.to_empty(device="cpu")
+    assert all(p.dim() == 4 or n.endswith("bias") for n, p in net.named_parameters())  # all set below
     _random_init(net, seed, weight_std=1.0)
-    old = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
-    if not basicsr_keys:
-        return old
-    if scale != 4:
-        raise ValueError("basicsr key layout is only written for scale 4 (the x4plus shape)")
+    old = {k: v.detach() for k, v in net.state_dict().items()}
+    return to_basicsr_keys(old, num_blocks) if basicsr_keys else old
+
+
+def to_basicsr_keys(old: dict[str, torch.Tensor], num_blocks: int) -> dict[str, torch.Tensor]:
+    """Rename an old-layout x4 RRDBNet state dict to the basicsr layout of RealESRGAN_x4plus.pth."""
     new: dict[str, torch.Tensor] = {}
     for key, value in old.items():
         rdb = re.fullmatch(r"model\.1\.sub\.(\d+)\.RDB(\d)\.conv(\d)\.0\.(weight|bias)", key)
@@ -81,7 +86,7 @@ def esrgan_state_dict(
         elif outer and outer[1] in _X4_OLD_TO_NEW:
             new[f"{_X4_OLD_TO_NEW[outer[1]]}.{outer[2]}"] = value
         else:
-            raise AssertionError(f"unexpected RRDBNet key {key}")
+            raise ValueError(f"not an x4 RRDBNet key: {key} (the basicsr layout is only written for scale 4)")
     return new
 
 
@@ -89,7 +94,7 @@ def compact_state_dict(num_feat: int = 16, num_conv: int = 4, scale: int = 4, se
     """SRVGGNetCompact (realesr-general-x4v3 is num_feat=64, num_conv=32) with random weights."""
     net = Compact(num_in_ch=3, num_out_ch=3, num_feat=num_feat, num_conv=num_conv, upscale=scale)
     _random_init(net, seed, weight_std=1.0)
-    return {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
+    return {k: v.detach().contiguous() for k, v in net.state_dict().items()}
 
 
 def gfpgan_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -107,7 +112,7 @@ def gfpgan_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
         narrow=1,
         sft_half=True,
     )
-    return {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
+    return {k: v.detach().contiguous() for k, v in net.state_dict().items()}
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path) -> Path:
