@@ -142,7 +142,8 @@ class Pipeline:
         self.writer = ThreadPoolExecutor(max_workers=2)
         self.pending_writes: list = []
         self.records: list[dict] = []
-        self.notes: list[dict] = []
+        self.encoded_images = 0
+        self.first_batch: tuple[float, int] | None = None  # (time, images) when the first batch was done
 
     def upscale(self, work: Work, region: Image.Image, plan) -> Image.Image:
         if self._upscaler is None:
@@ -176,6 +177,9 @@ class Pipeline:
                 lengths[i] = token_counts[j]
         for i, (work, job) in enumerate(batch):
             self._finish(work, job, tensors[i], lengths.get(i))
+        self.encoded_images += len(with_pixels)
+        if self.first_batch is None and with_pixels:
+            self.first_batch = (time.perf_counter(), self.encoded_images)
 
     def _finish(self, work: Work, job: dict, tensors: dict, token_count: int | None) -> None:
         old = work.old
@@ -268,8 +272,11 @@ def _run(args: CachingArgs, upscaler_factory: UpscalerFactory | None, stop_after
     device = resolve_device()
     pipe = Pipeline(args, root, fingerprint, device, upscaler_factory)
     pipe.records.extend(reused)
-    loader = DataLoader(ImageJobs(image_works, args), batch_size=None, shuffle=False,
-                        num_workers=args.resolved_num_workers(world), pin_memory=device.type == "cuda")  # fmt: skip
+    workers = args.resolved_num_workers(world)
+    # Enough prefetched items that a whole batch is ready when the GPU finishes the previous one.
+    prefetch = max(2, -(-2 * pipe.batch_size // workers)) if workers else None
+    loader = DataLoader(ImageJobs(image_works, args), batch_size=None, shuffle=False, num_workers=workers,
+                        prefetch_factor=prefetch, persistent_workers=False)  # fmt: skip
     pending: dict[tuple[int, int], list] = defaultdict(list)
     done = touched = 0
     progress = tqdm(total=len(image_works), unit="img", desc="caching", disable=rank != 0 or not image_works)
@@ -308,7 +315,12 @@ def _run(args: CachingArgs, upscaler_factory: UpscalerFactory | None, stop_after
     finally:
         progress.close()
         pipe.close()
-    seconds = time.perf_counter() - started
+    ended = time.perf_counter()
+    seconds = ended - started
+    steady = None
+    if pipe.first_batch is not None and pipe.encoded_images > pipe.first_batch[1]:
+        # Throughput after the first batch: model loading and warm-up excluded (what a long run sees).
+        steady = (pipe.encoded_images - pipe.first_batch[1]) / (ended - pipe.first_batch[0])
     summary = {
         "records": pipe.records,
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
@@ -316,6 +328,7 @@ def _run(args: CachingArgs, upscaler_factory: UpscalerFactory | None, stop_after
         "reused": len(reused) + touched,
         "seconds": seconds,
         "images_per_second": (len(pipe.records) - len(reused) - touched) / seconds,
+        "steady_images_per_second": steady,
     }
     report = finish_shard(root, args, fingerprint, summary, rank, world)
     if report is not None:

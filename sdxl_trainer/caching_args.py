@@ -42,7 +42,7 @@ class CachingArgs:
     upscale_use_GFPGAN: bool = _f(False, "restore faces with GFPGAN after upscaling (needs --face_restore_model)")
     face_restore_model: str | None = _f(None, "GFPGAN weights file (e.g. GFPGANv1.4.pth)")
     save_upscale_samples: str | None = _f(None, "folder (outside the data folder) for before/after upscale JPEGs")
-    batch_size: int = _f(16, "images per VAE batch on a GPU (on CPU images are encoded one by one)")
+    batch_size: int = _f(8, "images per VAE batch on a GPU (8 at 1024 px needs ~16 GiB; on CPU: one by one)")
     num_workers: int | None = _f(None, "DataLoader workers that decode and resize images (default: CPUs/processes)")
     mixed_precision: str = _f("bf16", "autocast dtype on a GPU: bf16, fp16 or no (CPU always runs fp32)")
     cache_dtype: str = _f("fp16", "dtype of the stored tensors: fp16, bf16 or fp32")

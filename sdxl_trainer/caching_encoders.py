@@ -142,6 +142,8 @@ class Encoders:
     @property
     def vae(self):
         if self._vae is None:
+            if self.device.type == "cuda":
+                torch.backends.cudnn.benchmark = True  # few distinct bucket shapes: tuned kernels pay off
             vae = models.load_vae(self.args.pretrained_model_name_or_path, self.args.vae)
             self._vae = vae.to(self.device).eval().requires_grad_(False)
         return self._vae

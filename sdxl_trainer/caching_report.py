@@ -69,6 +69,10 @@ def finish_shard(root: Path, args: CachingArgs, fingerprint: dict, summary: dict
         stats["reused"] += part["reused"]
         stats["seconds"] = max(stats["seconds"], part["seconds"])
         stats["images_per_second"] += part["images_per_second"]
+        if part.get("steady_images_per_second") is not None:
+            stats["steady_images_per_second"] = (
+                stats.get("steady_images_per_second", 0.0) + part["steady_images_per_second"]
+            )
     C.write_meta(root, args.basename, fingerprint)
     C.write_index_part(root, args.shard_index, args.num_shards, fingerprint, records)
     shutil.rmtree(parts, ignore_errors=True)
