@@ -71,14 +71,20 @@ def resolve_cache_paths(dirs: Sequence[str], lists: Sequence[str]) -> list[Path]
 
 
 def check_cache_settings(caches: Sequence[cache_lib.DatasetCache], expected: dict[str, int | None]) -> None:
-    """Flags such as --max_resolution, when given, must match what the cache was built with."""
+    """Flags such as --max_resolution, when given, must match what the cache was built with (the original's
+    "caching and training resolution must match" warning, made a check)."""
     for c in caches:
-        fp = c.fingerprint.get("image", c.fingerprint)
+        image = c.fingerprint.get("image", {})
+        cached = {
+            "max_resolution": image.get("max_resolution"),
+            "min_resolution": image.get("min_resolution"),
+            "upscale_to_resolution": (image.get("upscale") or {}).get("to_resolution"),
+        }
         for name, value in expected.items():
-            if value is not None and name in fp and fp[name] != value:
+            if value is not None and cached.get(name) != value:
                 raise DataError(
-                    f"--{name} {value}: the cache {c.root} was built with {fp[name]}; re-run "
-                    "sdxl_process_data_dir.py with the same value or drop the flag"
+                    f"--{name} {value}: the cache {c.root} was built with {cached.get(name)}; re-run "
+                    "sdxl_process_data_dir.py with the same value, or leave the flag out"
                 )
 
 

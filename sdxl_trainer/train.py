@@ -110,6 +110,8 @@ def setup(args: argparse.Namespace) -> Trainer:
         torch.backends.cudnn.allow_tf32 = True
     run_dir = _make_run_dir(args, info)
     setup_logging(run_dir, info.rank)
+    for flag in getattr(args, "ignored_flags", []):
+        logger.warning(f"{flag} is ignored: caching (and re-caching) is done by sdxl_process_data_dir.py")
     resume_path = ckpt.find_resume_checkpoint(args.resume_from_checkpoint, run_dir)
     resume_state = json.loads((resume_path / ckpt.TRAIN_STATE).read_text()) if resume_path else None
 
@@ -359,7 +361,8 @@ def train(tr: Trainer) -> dict:
             break
     if completed:
         save_checkpoint(tr)
-        save_model(tr, "final")
+        if tr.args.save_final_model:
+            save_model(tr, "final")
     return summarize(tr, completed)
 
 

@@ -87,6 +87,13 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--min_resolution", type=int, default=None, help="if given, must equal the cache's value")
     g.add_argument("--upscale_to_resolution", type=int, default=None, help="if given, must equal the cache's value")
     g.add_argument(
+        "--data_dir",
+        default=None,
+        help="the dataset folder the cache was built from (optional; validation scores read reference images)",
+    )
+    for old in ("--upscale_use_GFPGAN", "--save_upscale_samples"):
+        g.add_argument(old, action="store_true", help="the original's re-caching flag: ignored with a warning")
+    g.add_argument(
         "--verify_cached_dataset_hash_values",
         action="store_true",
         help="open every cached item file before training; unreadable items are reported and left out",
@@ -214,6 +221,12 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--save_model_every_n_epochs", type=_positive_int, default=10, help="save a pipeline every N epochs")
     g.add_argument("--start_save_model_epoch", type=_non_negative_int, default=0, help="first epoch that may be saved")
     g.add_argument(
+        "--save_final_model",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="save the pipeline at the end of training as <output_dir>/final",
+    )
+    g.add_argument(
         "--save_single_file",
         action="store_true",
         help="also write each saved pipeline as one single-file .safetensors checkpoint (SGM layout)",
@@ -282,6 +295,10 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ArgsError("--lr_step_rules is required by --learning_rate_scheduler piecewise_constant")
     if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
         raise ArgsError(f"--learning_rate must be a positive number, got {args.learning_rate}")
+    if args.learning_rate_scheduler == "polynomial" and args.polynomial_lr_end >= args.learning_rate:
+        raise ArgsError(
+            f"--polynomial_lr_end {args.polynomial_lr_end} must be below --learning_rate {args.learning_rate}"
+        )
     if args.max_grad_norm < 0:
         raise ArgsError(f"--max_grad_norm must be >= 0, got {args.max_grad_norm}")
     if args.weight_dtype not in WEIGHT_DTYPES:
@@ -291,6 +308,7 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ArgsError("--optimizer adafactor with --mixed_precision fp16: use bf16 (Adafactor has no loss scaling)")
     if args.validation_loss and args.validation_loss_percent <= 0:
         raise ArgsError("--validation_loss needs --validation_loss_percent > 0")
+    args.ignored_flags = [f"--{n}" for n in ("upscale_use_GFPGAN", "save_upscale_samples") if getattr(args, n)]
     if args.set_seed is None:
         args.set_seed = DEFAULT_SEED
     rp = args.resume_from_checkpoint

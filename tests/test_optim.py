@@ -1,0 +1,118 @@
+"""Local-shard optimizers: same update as the plain optimizer, pinned 8-bit/32-bit choice, exact state restore."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from sdxl_trainer import checkpoint, optim
+
+
+def _args(name: str, **kw) -> argparse.Namespace:
+    base = dict(
+        optimizer=name, learning_rate=1e-2, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, adam_weight_decay=0.01
+    )
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """A one-process gloo group, so FSDP2 can shard (over one rank) inside pytest."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield init_device_mesh("cpu", (1,))
+    dist.destroy_process_group()
+
+
+def _model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(70, 80), torch.nn.GELU(), torch.nn.Linear(80, 3))
+
+
+def _train(model, opt, steps: int, seed: int = 0) -> list[float]:
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        x, y = torch.randn(16, 70, generator=g), torch.randn(16, 3, generator=g)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_eight_bit_state_is_chosen_by_the_unsharded_size():
+    assert optim.eight_bit_state(4096) and optim.eight_bit_state(10**9)
+    assert not optim.eight_bit_state(4095)
+
+
+def test_bitsandbytes_follows_the_global_size_not_the_local_shard():
+    """A 3000-element shard of a 6000-element tensor (2 ranks) keeps 8-bit state as on one GPU; a tensor that
+    is small globally keeps 32-bit state. Left to itself bitsandbytes would judge the shard (bnb #2080)."""
+    shard_of_big = torch.nn.Parameter(torch.randn(3000))
+    small = torch.nn.Parameter(torch.randn(3000))
+    inner = optim._bnb_factory("adamw8bit", _args("adamw8bit"))([shard_of_big, small], [6000, 3000])
+    for p in (shard_of_big, small):
+        p.grad = torch.randn_like(p)
+    inner.step()
+    assert inner.state[shard_of_big]["state1"].dtype == torch.uint8
+    assert inner.state[small]["state1"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit", "lion8bit", "adafactor"])
+def test_local_shard_optimizer_matches_the_plain_optimizer_on_a_sharded_model(one_rank_group, name):
+    mesh = one_rank_group
+    plain, sharded = _model(0), _model(0)
+    for layer in (sharded[0], sharded[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    args = _args(name)
+    factories = {"adamw": optim._torch_adamw_factory, "adafactor": optim._adafactor_factory}
+    factory = factories[name](args) if name in factories else optim._bnb_factory(name, args)
+    params = list(plain.parameters())
+    reference = factory(params, [p.numel() for p in params])
+    local = optim.build_optimizer(args, list(sharded.parameters()))
+    assert _train(plain, reference, 4) == pytest.approx(_train(sharded, local, 4), rel=1e-5, abs=1e-7)
+    for a, b in zip(plain.parameters(), sharded.parameters(), strict=True):
+        torch.testing.assert_close(a, b.full_tensor(), rtol=1e-5, atol=1e-6)
+    if name == "adamw8bit":
+        assert sorted(set(optim.state_bits(local))) == [8, 32]  # weights are 8-bit, biases (< 4096) 32-bit
+
+
+def test_eight_bit_state_saved_and_restored_exactly(one_rank_group, tmp_path):
+    mesh = one_rank_group
+    models = []
+    for _ in range(2):
+        m = _model(1)
+        fully_shard(m, mesh=mesh)
+        models.append(m)
+    args = _args("adamw8bit")
+    first = optim.build_optimizer(args, list(models[0].parameters()))
+    _train(models[0], first, 3)
+    checkpoint.save_structured(tmp_path / "opt", {"state": first.state_dict(), "layout": first.layout()})
+    # The copy: same weights, a fresh optimizer that gets the saved state.
+    models[1].load_state_dict(models[0].state_dict())
+    second = optim.build_optimizer(args, list(models[1].parameters()))
+    saved = checkpoint.load_structured(tmp_path / "opt")
+    assert saved["layout"] == second.layout()
+    second.load_state_dict(saved["state"])
+    for a, b in zip(first.locals, second.locals, strict=True):
+        sa, sb = first.inner.state[a], second.inner.state[b]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), k
+    assert _train(models[0], first, 3, seed=5) == _train(models[1], second, 3, seed=5)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a.full_tensor(), b.full_tensor())
+
+
+def test_unknown_optimizer_is_refused():
+    with pytest.raises(ValueError, match="--optimizer"):
+        optim.build_optimizer(_args("sgd"), [torch.nn.Parameter(torch.zeros(2))])

@@ -1,0 +1,115 @@
+"""The trainer's command line: a frozen list of flags, the original's names and aliases, bad combinations."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from sdxl_trainer import evaluation, train_args
+
+# Adding or removing a trainer flag means editing this list on purpose (docs/training.md too).
+TRAINER_FLAGS = [
+    "--adam_beta1", "--adam_beta2", "--adam_epsilon", "--adam_weight_decay", "--cached_dataset_dirs",
+    "--cached_dataset_lists", "--checkpointing_steps", "--checkpoints_total_limit", "--conditional_dropout_percent",
+    "--data_dir", "--dataloader_num_workers", "--gradient_accumulation_steps", "--gradient_checkpointing",
+    "--handoff_dir", "--learning_rate", "--learning_rate_scheduler", "--load_saved_state", "--log_dir",
+    "--lr_num_cycles", "--lr_scheduler", "--lr_step_rules", "--lr_warmup_steps", "--max_grad_norm",
+    "--max_nonfinite_steps", "--max_resolution", "--max_train_steps", "--min_resolution", "--mixed_precision",
+    "--no-gradient_checkpointing", "--no-save_final_model", "--num_train_epochs", "--optimizer", "--output_dir",
+    "--percent_lr_warm_up_steps", "--polynomial_lr_end", "--polynomial_power", "--polynominal_power",
+    "--pretrained_model_name_or_path", "--project_name", "--resume_from_checkpoint", "--save_final_model",
+    "--save_model_every_n_epochs", "--save_single_file", "--save_state", "--save_upscale_samples", "--set_seed",
+    "--sharding", "--start_save_model_epoch", "--train_batch_size", "--upscale_to_resolution",
+    "--upscale_use_GFPGAN", "--validation_loss", "--validation_loss_every_n_epochs", "--validation_loss_percent",
+    "--verify_cached_dataset_hash_values", "--weight_dtype",
+]  # fmt: skip
+
+# The original trainer's flags (seed_reference.md §1.1) that the trainer itself still owns.
+ORIGINAL_FLAGS = [
+    "--cached_dataset_dirs", "--cached_dataset_lists", "--max_resolution", "--min_resolution",
+    "--upscale_to_resolution", "--upscale_use_GFPGAN", "--save_upscale_samples",
+    "--verify_cached_dataset_hash_values", "--conditional_dropout_percent", "--gradient_accumulation_steps",
+    "--learning_rate_scheduler", "--num_train_epochs", "--pretrained_model_name_or_path", "--set_seed",
+    "--train_batch_size", "--weight_dtype", "--percent_lr_warm_up_steps", "--learning_rate", "--polynomial_lr_end",
+    "--polynominal_power", "--save_model_every_n_epochs", "--save_state", "--project_name", "--output_dir",
+    "--load_saved_state", "--start_save_model_epoch", "--log_dir", "--validation_loss", "--validation_loss_percent",
+    "--validation_loss_every_n_epochs",
+    # owned by the evaluation module, in the same parser:
+    "--save_samples", "--num_sample_images", "--save_samples_every_n_epochs", "--start_save_samples_epoch",
+    "--validation_image", "--validation_image_percent", "--validation_image_every_n_epochs",
+]  # fmt: skip
+
+
+def _evaluation_flags() -> set[str]:
+    parser = argparse.ArgumentParser()
+    evaluation.add_evaluation_args(parser)
+    return {s for a in parser._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
+
+
+def _parse(tmp_path, *extra: str) -> argparse.Namespace:
+    return train_args.parse_args(["--cached_dataset_dirs", str(tmp_path), *extra])
+
+
+def test_flag_list_is_frozen_and_holds_the_evaluation_flags_once():
+    names = train_args.flag_names()
+    assert len(names) == len(set(names))
+    evaluation_flags = _evaluation_flags()
+    assert evaluation_flags <= set(names)
+    assert sorted(set(names) - evaluation_flags) == sorted(TRAINER_FLAGS)
+
+
+def test_every_original_flag_still_parses():
+    assert set(ORIGINAL_FLAGS) <= set(train_args.flag_names())
+
+
+def test_defaults_and_resolved_values(tmp_path):
+    args = _parse(tmp_path)
+    assert args.sharding == "full_shard" and args.optimizer == "adamw8bit" and args.mixed_precision == "bf16"
+    assert args.gradient_checkpointing and args.weight_dtype == "float16"
+    assert args.set_seed == train_args.DEFAULT_SEED  # an unseeded run is still reproducible
+    assert args.percent_lr_warm_up_steps == train_args.DEFAULT_WARMUP_FRACTION and args.lr_warmup_steps is None
+
+
+def test_aliases_keep_the_originals_names(tmp_path):
+    args = _parse(tmp_path, "--polynominal_power", "2.5", "--lr_scheduler", "cosine", "--load_saved_state", "auto")
+    assert args.polynomial_power == 2.5 and args.learning_rate_scheduler == "cosine"
+    assert args.resume_from_checkpoint == "auto"
+    assert _parse(tmp_path, "--polynomial_power", "3").polynomial_power == 3.0
+    assert not _parse(tmp_path, "--no-gradient_checkpointing").gradient_checkpointing
+    assert _parse(tmp_path, "--weight_dtype", "torch.bfloat16").weight_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    ("extra", "flag"),
+    [
+        (["--percent_lr_warm_up_steps", "0.1", "--lr_warmup_steps", "5"], "--lr_warmup_steps"),
+        (["--weight_dtype", "torch.float64"], "--weight_dtype"),
+        (["--learning_rate_scheduler", "piecewise_constant"], "--lr_step_rules"),
+        (["--optimizer", "adafactor", "--mixed_precision", "fp16"], "--optimizer adafactor"),
+        (["--resume_from_checkpoint", "/nonexistent/step-3"], "--resume_from_checkpoint"),
+        (["--learning_rate_scheduler", "polynomial", "--polynomial_lr_end", "1"], "--polynomial_lr_end"),
+        (["--learning_rate", "-1"], "--learning_rate"),
+        (["--sharding", "zero3"], "--sharding"),
+        (["--train_batch_size", "0"], "--train_batch_size"),
+        (["--validation_loss_percent", "1.5"], "--validation_loss_percent"),
+    ],
+)
+def test_bad_values_and_combinations_fail_at_start_naming_the_flag(tmp_path, capsys, extra, flag):
+    with pytest.raises(SystemExit) as exc:
+        _parse(tmp_path, *extra)
+    assert exc.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_a_cache_is_required(capsys):
+    with pytest.raises(SystemExit):
+        train_args.parse_args([])
+    assert "--cached_dataset_dirs" in capsys.readouterr().err
+
+
+def test_run_name_follows_the_original_without_the_output_dir_collision(tmp_path):
+    args = _parse(tmp_path, "--project_name", "p", "--train_batch_size", "4", "--gradient_accumulation_steps", "5")
+    assert train_args.run_name(args, 2) == "p_gpus2_bsz4_gradAccum5_lr3e-05"
+    args = _parse(tmp_path, "--output_dir", str(tmp_path / "runs" / "mine"))
+    assert train_args.run_name(args, 2) == "mine"  # a name, not a path (B24)
