@@ -14,8 +14,8 @@ from upscale_fixtures import (
     compact_state_dict,
     draw_face,
     esrgan_state_dict,
-    gfpgan_state_dict,
     save_weights,
+    shared_gfpgan_file,
     to_basicsr_keys,
 )
 
@@ -42,7 +42,7 @@ def weights(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def gfpgan_path(tmp_path_factory):
-    return save_weights(gfpgan_state_dict(seed=4), tmp_path_factory.mktemp("gfpgan") / "GFPGANv1.4.safetensors")
+    return shared_gfpgan_file(tmp_path_factory.getbasetemp())
 
 
 def textured(width_px: int, height_px: int, seed: int = 0) -> Image.Image:
@@ -253,11 +253,12 @@ def test_cli_folder_loads_the_model_once_and_never_writes_the_input(tmp_path, we
     reads = []
     real_read = upscale.read_state_dict
     monkeypatch.setattr(upscale, "read_state_dict", lambda path: reads.append(path) or real_read(path))
-    upscale.clear_model_cache()
+    model = tmp_path / "fresh_copy.safetensors"  # a path no earlier test has loaded in this process
+    model.write_bytes(weights["esrgan_st"].read_bytes())
     out = tmp_path / "out"
-    argv = ["--input", str(data), "--output", str(out), "--model", str(weights["esrgan_st"]), "--scale", "1.5"]
+    argv = ["--input", str(data), "--output", str(out), "--model", str(model), "--scale", "1.5"]
     assert upscale_cli.main([*argv, "--tile", "16", "--tile_overlap", "4", "--device", "cpu"]) == 1  # broken.png
-    assert reads == [weights["esrgan_st"]]  # one read for the whole folder
+    assert reads == [model]  # one read for the whole folder
     assert _snapshot(data) == before
     sizes = {p.relative_to(out).as_posix(): Image.open(p).size for p in out.rglob("*") if p.is_file()}
     assert sizes == {"a.png": (30, 24), "b.png": (30, 24), "sub/c.png": (18, 27)}

@@ -115,6 +115,16 @@ def gfpgan_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in net.state_dict().items()}
 
 
+def shared_gfpgan_file(base_dir: str | Path) -> Path:
+    """One random GFPGAN file per test session (pass ``tmp_path_factory.getbasetemp()``): building and saving
+    the 86 M parameters takes seconds, and several test files need it."""
+    path = Path(base_dir) / "shared-weights" / "GFPGANv1.4.safetensors"
+    if not path.exists():
+        temp = save_weights(gfpgan_state_dict(seed=4), path.with_suffix(".tmp.safetensors"))
+        temp.replace(path)
+    return path
+
+
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path) -> Path:
     """``.pth``: ``{"params_ema": sd}`` as Real-ESRGAN/GFPGAN release it; ``.safetensors``: the plain dict."""
     path = Path(path)
