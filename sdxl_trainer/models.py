@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from sdxl_trainer import convert
+
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message names the flag and the path."""
@@ -57,10 +59,10 @@ def _wrap(flag: str, path: str, what: str, exc: Exception) -> ModelLoadError:
 SINGLE_FILE_FLAG = "--single_file_config"
 # Parts of a single-file checkpoint, by the key prefix they live under (the original SGM layout).
 SINGLE_FILE_PARTS = {
-    "UNet": "model.diffusion_model.",
-    "VAE": "first_stage_model.",
-    "text encoder": "conditioner.embedders.0.transformer.",
-    "text encoder 2": "conditioner.embedders.1.model.",
+    "UNet": convert.UNET_PREFIX,
+    "VAE": convert.VAE_PREFIX,
+    "text encoder": convert.TEXT_ENCODER_PREFIX,
+    "text encoder 2": convert.TEXT_ENCODER_2_PREFIX,
 }
 
 # Process-wide default for `single_file_config=` (set once from the parsed flag by the scripts).
