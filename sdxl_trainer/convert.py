@@ -61,6 +61,7 @@ VAE_RESNET_LAYERS = {
     "conv2": "conv2",
     "conv_shortcut": "nin_shortcut",
 }
+VAE_RESAMPLERS = {("encoder.down", "downsamplers"): "downsample", ("decoder.up", "upsamplers"): "upsample"}
 VAE_ATTENTION_LAYERS = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 TEXT_ENCODER_2_TOP_LEVEL = {
     "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
@@ -173,11 +174,10 @@ def convert_vae_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
             part, level, kind, index, rest = block[1], int(block[2]), block[3], int(block[4]), block[5]
             if part == "decoder.up":
                 level = max(up_levels) - level
-            stem = part.replace("_blocks", "")  # encoder.down / decoder.up
             if kind == "resnets":
-                name = f"{stem}.{level}.block.{index}.{_rename_module(rest, VAE_RESNET_LAYERS, 'VAE resnet')}"
-            elif (kind, part) in {("downsamplers", "encoder.down"), ("upsamplers", "decoder.up")} and index == 0:
-                name = f"{stem}.{level}.{kind[:-2]}.{rest}"  # downsample / upsample
+                name = f"{part}.{level}.block.{index}.{_rename_module(rest, VAE_RESNET_LAYERS, 'VAE resnet')}"
+            elif (part, kind) in VAE_RESAMPLERS and index == 0:
+                name = f"{part}.{level}.{VAE_RESAMPLERS[part, kind]}.{rest}"
             else:
                 raise ConversionError(f"unknown VAE parameter {key!r}")
         elif mid := _VAE_MID.match(key):
@@ -186,7 +186,7 @@ def convert_vae_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
                 name = f"{half}.mid.block_{index + 1}.{_rename_module(rest, VAE_RESNET_LAYERS, 'VAE resnet')}"
             elif index == 0:
                 name = f"{half}.mid.attn_1.{_rename_module(rest, VAE_ATTENTION_LAYERS, 'VAE attention')}"
-                if tensor.ndim == 2 and not name.endswith(".norm.weight"):
+                if tensor.ndim == 2:  # q, k, v, proj_out weights
                     tensor = tensor.reshape(*tensor.shape, 1, 1)
             else:
                 raise ConversionError(f"unknown VAE parameter {key!r}")
