@@ -66,6 +66,12 @@ class ImageJobs(Dataset):
         return len(self.works)
 
     def __getitem__(self, index: int) -> dict:
+        try:
+            return self._load(index)
+        except Exception as exc:  # noqa: BLE001 - one bad file must not end the run: skip it, say why
+            return {"index": index, "skip": f"failed to prepare: {type(exc).__name__}: {exc}"}
+
+    def _load(self, index: int) -> dict:
         work, args = self.works[index], self.args
         out: dict = {"index": index}
         try:
@@ -105,12 +111,16 @@ def _mine(key: str, args: CachingArgs, rank: int, world: int) -> bool:
 
 
 def classify(items: list[DataItem], root: Path, fingerprint: dict, args: CachingArgs):
-    """Split this process's items into (image work, caption-only work, reused records)."""
+    """Split this process's items into (image work, caption-only work, reused records, skipped)."""
     image_fp, text_fp = C.fingerprint_parts(fingerprint)
-    image_work, text_work, reused = [], [], []
+    image_work, text_work, reused, skipped = [], [], [], []
     for item in items:
         key = C.item_key(item.relpath)
-        stat = item.image_path.stat()
+        try:
+            stat = item.image_path.stat()
+        except OSError as exc:  # vanished since discovery, or a broken symlink
+            skipped.append((item.relpath, f"unreadable: {exc.strerror or exc}"))
+            continue
         old = C.read_item_record(root / C.item_tensor_relpath(key))
         if old is not None and (old.get("key") != key or old.get("image_relpath") != item.relpath):
             old = None
@@ -126,7 +136,7 @@ def classify(items: list[DataItem], root: Path, fingerprint: dict, args: Caching
             (reused if text_ok else text_work).append(old if text_ok else work)
         else:
             image_work.append(work)
-    return image_work, text_work, reused
+    return image_work, text_work, reused, skipped
 
 
 class Pipeline:
@@ -268,7 +278,8 @@ def _run(args: CachingArgs, upscaler_factory: UpscalerFactory | None, stop_after
     items, skipped = discover_items(Path(args.data_dir))
     mine = [i for i in items if _mine(C.item_key(i.relpath), args, rank, world)]
     skipped = [s for s in skipped if _mine(C.item_key(s[0]), args, rank, world)]
-    image_works, text_only, reused = classify(mine, root, fingerprint, args)
+    image_works, text_only, reused, unreadable = classify(mine, root, fingerprint, args)
+    skipped += unreadable
     device = resolve_device()
     pipe = Pipeline(args, root, fingerprint, device, upscaler_factory)
     pipe.records.extend(reused)

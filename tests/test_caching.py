@@ -24,7 +24,13 @@ GOOD = {  # relpath: (width, height, caption or None)
     "sub/deep/no caption.webp": (120, 90, None),
     "big.png": (300, 260, "larger than max"),
 }
-BAD = {"zero.png": "empty file", "broken.jpg": "truncated", "tiny.png": "too small", "garbage.png": "not a readable"}
+BAD = {
+    "zero.png": "empty file",
+    "broken.jpg": "truncated",
+    "tiny.png": "too small",
+    "garbage.png": "not a readable",
+    "dangling.png": "unreadable",
+}
 
 
 def _gradient(width: int, height: int, seed: int) -> Image.Image:
@@ -48,15 +54,17 @@ def make_data(folder: Path) -> Path:
     (folder / "full.jpg").unlink()
     _gradient(40, 40, 10).save(folder / "tiny.png")
     (folder / "garbage.png").write_bytes(b"not a png")
+    (folder / "dangling.png").symlink_to(folder / "gone.png")  # a broken symlink
     return folder
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int, bytes]]:
-    return {
-        p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
+    """Every entry below folder (files with size, mtime and bytes; links and folders by name)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        out[rel] = (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes()) if p.is_file() else (0, 0, b"")
+    return out
 
 
 def item_files(root: Path) -> dict[str, bytes]:
@@ -92,7 +100,7 @@ def baseline(tmp_path_factory, tiny_model_dir):
 
 def copy_baseline(baseline, tmp_path: Path) -> tuple[Path, Path]:
     data, cache = tmp_path / "data", tmp_path / "cache"
-    shutil.copytree(baseline["data"], data)  # copy2: mtimes kept
+    shutil.copytree(baseline["data"], data, symlinks=True)  # copy2: mtimes kept
     shutil.copytree(baseline["cache"], cache)
     return data, cache
 
@@ -205,7 +213,7 @@ def test_second_run_does_no_work_and_loads_no_model(baseline, tmp_path, no_model
 
 def test_moved_cache_and_copied_data_are_reused(baseline, tmp_path, no_models, tiny_model_dir):
     data = tmp_path / "elsewhere" / "data"
-    shutil.copytree(baseline["data"], data, copy_function=shutil.copy)  # new mtimes: hashes decide
+    shutil.copytree(baseline["data"], data, symlinks=True, copy_function=shutil.copy)  # new mtimes: hashes decide
     cache = tmp_path / "moved_cache"
     shutil.copytree(baseline["cache"], cache)
     report = run_caching(make_args(data, cache, tiny_model_dir))
@@ -263,7 +271,7 @@ def test_deleted_image_leaves_the_index(baseline, tmp_path, no_models, tiny_mode
 
 def test_killed_run_resumes_and_completes_identically(baseline, tmp_path, tiny_model_dir):
     data = tmp_path / "data"
-    shutil.copytree(baseline["data"], data)
+    shutil.copytree(baseline["data"], data, symlinks=True)
     cache = tmp_path / "cache"
     with pytest.raises(KeyboardInterrupt):
         run_caching(make_args(data, cache, tiny_model_dir), stop_after=2)
@@ -280,7 +288,7 @@ def test_killed_run_resumes_and_completes_identically(baseline, tmp_path, tiny_m
 
 def test_shards_form_one_cache_equal_to_the_single_run(baseline, tmp_path, tiny_model_dir):
     data = tmp_path / "data"
-    shutil.copytree(baseline["data"], data)
+    shutil.copytree(baseline["data"], data, symlinks=True)
     cache = tmp_path / "cache"
     first = run_caching(make_args(data, cache, tiny_model_dir, num_shards=2, shard_index=1))
     with pytest.raises(C.CacheError, match=r"--shard_index \[0\]"):
