@@ -132,7 +132,7 @@ class FaceRestorer:
         self.model_path = str(model_path)
         self.device = device
         self.min_face_px = min_face_px
-        self.model = load_image_model(model_path, flag, device, torch.float32)
+        self.model = load_image_model(model_path, flag, device, half=False)  # GFPGAN has no fp16 support
         if self.model.architecture.id != "GFPGAN":
             raise UpscalerError(
                 f"{flag}: {model_path!r} is a {self.model.architecture.name} model; expected GFPGAN v1.3/v1.4 "

@@ -36,7 +36,7 @@ class UpscalerError(RuntimeError):
 # Loading weights (once per process)
 # --------------------------------------------------------------------------------------------------
 
-# (real path, size, mtime, device, dtype) -> spandrel descriptor. A second Upscaler for the same file in the
+# (real path, size, mtime, device, half) -> spandrel descriptor. A second Upscaler for the same file in the
 # same process reuses the network instead of re-reading the file (the seed rebuilt it for every image).
 _MODEL_CACHE: dict[tuple, object] = {}
 
@@ -50,8 +50,9 @@ def read_state_dict(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_image_model(path: str | os.PathLike, flag: str, device: torch.device, dtype: torch.dtype):
-    """Load a spandrel ``ImageModelDescriptor`` (eval mode, on ``device`` in ``dtype``) from a local file.
+def load_image_model(path: str | os.PathLike, flag: str, device: torch.device, half: bool = False):
+    """Load a spandrel ``ImageModelDescriptor`` (eval mode, on ``device``; fp16 if ``half`` and the architecture
+    supports it, else fp32: check ``descriptor.dtype``) from a local file.
 
     Raises UpscalerError naming ``flag`` and the file for a missing file, an unsupported suffix, an unreadable
     file or an architecture spandrel does not know."""
@@ -66,7 +67,7 @@ def load_image_model(path: str | os.PathLike, flag: str, device: torch.device, d
     if file.suffix.lower() not in MODEL_SUFFIXES:
         raise UpscalerError(f"{flag}: {str(file)!r} is not a weights file (expected one of {MODEL_SUFFIXES})")
     stat = file.stat()
-    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns, str(device), dtype)
+    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns, str(device), half)
     if key in _MODEL_CACHE:
         return _MODEL_CACHE[key]
     try:
@@ -84,6 +85,7 @@ def load_image_model(path: str | os.PathLike, flag: str, device: torch.device, d
         raise UpscalerError(f"{flag}: {str(file)!r} looks like a known architecture but fails to load: {exc}") from exc
     if not isinstance(descriptor, spandrel.ImageModelDescriptor):
         raise UpscalerError(f"{flag}: {str(file)!r} is a {descriptor.architecture.name} model, not an image model")
+    dtype = torch.float16 if half and descriptor.supports_half else torch.float32
     descriptor.model.to(device=device, dtype=dtype)
     descriptor.eval()
     _MODEL_CACHE[key] = descriptor
@@ -252,7 +254,7 @@ class Upscaler:
                 f"--tile {tile_px} must be 0 (no tiling) or larger than twice the overlap ({tile_overlap_px} px)"
             )
         if batch_size < 1:
-            raise UpscalerError(f"batch size must be at least 1, got {batch_size}")
+            raise UpscalerError(f"--batch_size {batch_size}: must be at least 1")
         if half and self.device.type != "cuda":
             logger.warning("--half needs a CUDA device; running the upscaler in fp32 on %s", self.device)
             half = False
@@ -261,7 +263,7 @@ class Upscaler:
         self.batch_size = batch_size
         self.model_path = str(model_path)
         self.model_flag = model_flag
-        self.model = load_image_model(model_path, model_flag, self.device, torch.float32)
+        self.model = load_image_model(model_path, model_flag, self.device, half)
         if self.model.purpose not in ("SR", "Restoration") or self.model.scale < 1:
             hint = f"; pass it as {face_restore_flag}" if self.model.purpose == "FaceSR" else ""
             raise UpscalerError(
@@ -273,12 +275,9 @@ class Upscaler:
                 f"{model_flag}: {model_path!r} maps {self.model.input_channels} to {self.model.output_channels} "
                 "channels; only RGB->RGB and grey->grey models are supported"
             )
-        self.dtype = torch.float16 if half and self.model.supports_half else torch.float32
+        self.dtype = self.model.dtype
         if half and self.dtype != torch.float16:
             logger.warning("%s does not support fp16; running it in fp32", self.model.architecture.name)
-        if self.dtype != torch.float32:
-            # A separate cache entry: an fp32 Upscaler of the same file in this process keeps its weights.
-            self.model = load_image_model(model_path, model_flag, self.device, self.dtype)
         self.scale = int(self.model.scale)
         # pixel-unshuffle models need tile boundaries on multiples of their block size
         self.align_px = int(self.model.size_requirements.multiple_of)

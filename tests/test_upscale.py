@@ -375,3 +375,14 @@ def test_half_on_cuda_is_close_to_fp32(weights):
     assert fp16_up.dtype == torch.float16
     fp16 = fp16_up.upscale(image, (256, 192))
     assert np.abs(np.asarray(fp32).astype(int) - np.asarray(fp16).astype(int)).mean() < 1.0
+
+
+@pytest.mark.gpu
+def test_faces_on_cuda_match_cpu(weights, gfpgan_path):
+    source = draw_face(128)
+    cpu = Upscaler(str(weights["compact"]), str(gfpgan_path), tile_px=0).upscale(source, (256, 256))
+    gpu_up = Upscaler(str(weights["compact"]), str(gfpgan_path), device="cuda", tile_px=0, half=True)
+    assert gpu_up.face_restorer.model.dtype == torch.float32  # GFPGAN stays fp32 under --half
+    gpu = gpu_up.upscale(source, (256, 256))
+    assert gpu_up.faces_restored == 1
+    assert np.abs(np.asarray(cpu).astype(int) - np.asarray(gpu).astype(int)).mean() < 2.0
