@@ -470,6 +470,9 @@ def upscale_files(
 
     for src in files:
         dst = (target / src.relative_to(root)).with_suffix(OUTPUT_FORMATS[output_format])
+        if dst.exists() and dst.resolve() == src.resolve():
+            report.failed.append((src, f"output {dst} would replace the input (choose another --output)"))
+            continue
         if dst.exists() and not overwrite:
             report.skipped_existing.append(dst)
             continue

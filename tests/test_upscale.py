@@ -276,10 +276,14 @@ def test_cli_refuses_an_output_inside_the_input_and_reports_bad_weights(tmp_path
     data = tmp_path / "data"
     data.mkdir()
     textured(8, 8).save(data / "a.png")
+    before = _snapshot(data)
     argv = ["--input", str(data), "--output", str(data / "up"), "--model", str(weights["compact"]), "--device", "cpu"]
     assert upscale_cli.main(argv) == 2
     assert "inside --input" in capsys.readouterr().err
-    assert not (data / "up").exists()
+    single = ["--input", str(data / "a.png"), "--output", str(data), "--model", str(weights["compact"])]
+    assert upscale_cli.main([*single, "--device", "cpu", "--overwrite"]) == 1  # would replace its own input
+    assert "would replace the input" in capsys.readouterr().err
+    assert _snapshot(data) == before
     argv = [
         "--input",
         str(data),
