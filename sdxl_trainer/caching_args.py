@@ -137,7 +137,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
             parser.add_argument(flag, action="store_true", help=help_text)
             continue
         kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
-        parser.add_argument(flag, type=kind, default=f.default, help=f"{help_text} (default: {f.default})")
+        shown = "" if f.default is None else f" (default: {f.default})"
+        parser.add_argument(flag, type=kind, default=f.default, help=help_text + shown)
     return parser
 
 
