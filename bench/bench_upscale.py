@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tile_overlap_px": upscaler.tile_overlap_px,
                 "batch_size": batch_size,
                 "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+                "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),  # fp32 convolutions may use TF32
             }
             try:
                 row.update(measure(upscaler, images, out_px, device))
