@@ -142,13 +142,13 @@ def classify(items: list[DataItem], root: Path, fingerprint: dict, args: Caching
 class Pipeline:
     """The GPU side: upscale where planned, batch by bucket, encode, hand items to the writer threads."""
 
-    def __init__(self, args, root, fingerprint, device, upscaler_factory: UpscalerFactory | None):
+    def __init__(self, args, root, fingerprint, device, upscaler_factory: UpscalerFactory | None, batch_on_cpu=False):
         self.args, self.root, self.fingerprint, self.device = args, root, fingerprint, device
         self.encoders = Encoders(args, device)
         self.upscaler_factory = upscaler_factory or _default_upscaler
         self._upscaler = None
         # On CPU items are encoded one by one: results then do not depend on batch composition or world size.
-        self.batch_size = args.batch_size if device.type == "cuda" else 1
+        self.batch_size = args.batch_size if device.type == "cuda" or batch_on_cpu else 1
         self.writer = ThreadPoolExecutor(max_workers=2)
         self.pending_writes: list = []
         self.records: list[dict] = []
@@ -253,19 +253,26 @@ def _default_upscaler(args: CachingArgs, device: torch.device):
         raise CachingError(str(exc)) from exc
 
 
-def run_caching(args: CachingArgs, upscaler_factory: UpscalerFactory | None = None, stop_after: int | None = None):
+def run_caching(
+    args: CachingArgs,
+    upscaler_factory: UpscalerFactory | None = None,
+    stop_after: int | None = None,
+    *,
+    batch_on_cpu: bool = False,
+):
     """Cache `args.data_dir`. Returns the shard's report on process 0 (this process's summary elsewhere);
     process 0 of each shard writes the index part and report.json. `upscaler_factory(args, device)` replaces
-    the real upscaler (tests); `stop_after` interrupts after that many encoded items, as a kill would (tests).
+    the real upscaler (tests); `stop_after` interrupts after that many encoded items, as a kill would (tests);
+    `batch_on_cpu` batches on CPU too, as on a GPU (tests of the batching path).
     Raises CachingArgsError for bad flags and CachingError for models or folders that cannot be used."""
     args.validate()
     try:
-        return _run(args, upscaler_factory, stop_after)
+        return _run(args, upscaler_factory, stop_after, batch_on_cpu)
     except (ModelLoadError, C.CacheError, OSError) as exc:
         raise CachingError(str(exc)) from exc
 
 
-def _run(args: CachingArgs, upscaler_factory: UpscalerFactory | None, stop_after: int | None):
+def _run(args: CachingArgs, upscaler_factory: UpscalerFactory | None, stop_after: int | None, batch_on_cpu: bool):
     started = time.perf_counter()
     rank, world = _dist_info()
     torch.manual_seed(args.seed)
@@ -281,7 +288,7 @@ def _run(args: CachingArgs, upscaler_factory: UpscalerFactory | None, stop_after
     image_works, text_only, reused, unreadable = classify(mine, root, fingerprint, args)
     skipped += unreadable
     device = resolve_device()
-    pipe = Pipeline(args, root, fingerprint, device, upscaler_factory)
+    pipe = Pipeline(args, root, fingerprint, device, upscaler_factory, batch_on_cpu)
     pipe.records.extend(reused)
     workers = args.resolved_num_workers(world)
     # Enough prefetched items that a whole batch is ready when the GPU finishes the previous one.

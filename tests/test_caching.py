@@ -344,3 +344,37 @@ def test_upscale_branch_goes_through_the_seam(tmp_path, tiny_model_dir):
     weights.write_bytes(b"other fake weights")
     report = run_caching(args, upscaler_factory=lambda a, device: fake)
     assert report["encoded"] == 3
+
+
+def _assert_caches_close(a_root: Path, b_root: Path, atol: float) -> None:
+    a, b = C.open_dataset_cache(a_root), C.open_dataset_cache(b_root)
+    assert [(i.key, i.bucket_wh, i.time_ids, i.caption) for i in a.items] == [
+        (i.key, i.bucket_wh, i.time_ids, i.caption) for i in b.items
+    ]
+    for x, y in zip(a.items, b.items, strict=True):
+        tx, ty = a.load_item_tensors(x), b.load_item_tensors(y)
+        for name in C.ITEM_TENSORS:
+            torch.testing.assert_close(tx[name].float(), ty[name].float(), atol=atol, rtol=atol, msg=name)
+
+
+def test_batched_encoding_matches_one_by_one(baseline, tmp_path, tiny_model_dir):
+    data = tmp_path / "data"
+    shutil.copytree(baseline["data"], data, symlinks=True)
+    report = run_caching(make_args(data, tmp_path / "cache", tiny_model_dir, batch_size=4), batch_on_cpu=True)
+    assert max(report["buckets"].values()) >= 2  # at least one batch holds several images
+    _assert_caches_close(tmp_path / "cache" / "ds", baseline["root"], atol=2e-3)
+    # Caption-only updates are batched too.
+    for rel in ("solid.png", "big.png", "wide.jpg"):
+        (data / rel).with_suffix(".txt").write_text(f"new caption for {rel}", encoding="utf-8")
+    report = run_caching(make_args(data, tmp_path / "cache", tiny_model_dir, batch_size=4), batch_on_cpu=True)
+    assert report["encoded"] == 3
+    items = {i.image_relpath: i for i in C.open_dataset_cache(tmp_path / "cache" / "ds").items}
+    assert items["big.png"].caption == "new caption for big.png"
+
+
+@pytest.mark.gpu
+def test_gpu_cache_matches_cpu_cache(baseline, tmp_path, tiny_model_dir):
+    data = tmp_path / "data"
+    shutil.copytree(baseline["data"], data, symlinks=True)
+    run_caching(make_args(data, tmp_path / "cache", tiny_model_dir, batch_size=4))  # bf16 autocast on the GPU
+    _assert_caches_close(tmp_path / "cache" / "ds", baseline["root"], atol=5e-2)
