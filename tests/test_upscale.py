@@ -390,3 +390,17 @@ def test_faces_on_cuda_match_cpu(weights, gfpgan_path):
     gpu = gpu_up.upscale(source, (256, 256))
     assert gpu_up.faces_restored == 1
     assert np.abs(np.asarray(cpu).astype(int) - np.asarray(gpu).astype(int)).mean() < 2.0
+
+
+@pytest.mark.slow
+def test_bench_smoke_prints_one_json_line_per_configuration(repo_root, capsys):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("bench_upscale", repo_root / "bench" / "bench_upscale.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke", "--only", "fp32_whole_b2,fp32_tile16_b4"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(r["config"] for r in rows) == ["fp32_tile16_b4", "fp32_whole_b2"]
+    assert all(r["images_per_s"] > 0 and r["network_images_per_s"] > 0 for r in rows)
