@@ -14,16 +14,12 @@ import hashlib
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -31,29 +27,14 @@ from sdxl_trainer import cache as C
 from sdxl_trainer.buckets import plan_item
 from sdxl_trainer.caching_args import CachingArgs
 from sdxl_trainer.caching_encoders import HASH_MEMO_FILE, Encoders, FileHasher, build_fingerprint, resolve_device
+from sdxl_trainer.caching_pipeline import Pipeline, UpscalerFactory, Work
 from sdxl_trainer.caching_report import finish_shard, print_report
 from sdxl_trainer.images import DataItem, ImageSkip, discover_items, load_image, region_to_upscale, render_to_bucket
 from sdxl_trainer.models import ModelLoadError
 
-TEXT_TENSORS = ("prompt_embeds", "pooled_prompt_embeds")
-IMAGE_TENSORS = ("latent_mean", "latent_std")
-UpscalerFactory = Callable[[CachingArgs, torch.device], object]
-
 
 class CachingError(RuntimeError):
     """A user-facing failure (a model that does not load, an unusable cache folder); names the flag."""
-
-
-@dataclass
-class Work:
-    """One item this process is responsible for, and what must be (re)computed for it."""
-
-    item: DataItem
-    key: str
-    old: dict | None  # the record of the existing item file, if any
-    known_sha: str | None  # image sha256 that would make the old latents reusable
-    text_ok: bool  # the old embeddings match the caption and the text settings
-    stat: tuple[int, int]  # (size bytes, mtime ns) of the image file
 
 
 class ImageJobs(Dataset):
@@ -139,104 +120,6 @@ def classify(items: list[DataItem], root: Path, fingerprint: dict, args: Caching
     return image_work, text_work, reused, skipped
 
 
-class Pipeline:
-    """The GPU side: upscale where planned, batch by bucket, encode, hand items to the writer threads."""
-
-    def __init__(self, args, root, fingerprint, device, upscaler_factory: UpscalerFactory | None, batch_on_cpu=False):
-        self.args, self.root, self.fingerprint, self.device = args, root, fingerprint, device
-        self.encoders = Encoders(args, device)
-        self.upscaler_factory = upscaler_factory or _default_upscaler
-        self._upscaler = None
-        # On CPU items are encoded one by one: results then do not depend on batch composition or world size.
-        self.batch_size = args.batch_size if device.type == "cuda" or batch_on_cpu else 1
-        self.writer = ThreadPoolExecutor(max_workers=2)
-        self.pending_writes: list = []
-        self.records: list[dict] = []
-        self.encoded_images = 0
-        self.first_batch: tuple[float, int] | None = None  # (time, images) when the first batch was done
-
-    def upscale(self, work: Work, region: Image.Image, plan) -> Image.Image:
-        if self._upscaler is None:
-            self._upscaler = self.upscaler_factory(self.args, self.device)
-        result = self._upscaler.upscale(region, plan.bucket_wh)
-        if result.size != plan.bucket_wh:
-            result = result.resize(plan.bucket_wh, Image.Resampling.LANCZOS)
-        if self.args.save_upscale_samples:
-            folder = Path(self.args.save_upscale_samples)
-            folder.mkdir(parents=True, exist_ok=True)
-            stem = work.item.relpath.replace("/", "__")
-            region.save(folder / f"{stem}_org.jpg", quality=92)
-            result.save(folder / f"{stem}_upscaled.jpg", quality=92)
-        return result.convert("RGB")
-
-    def encode_and_write(self, batch: list[tuple[Work, dict]]) -> None:
-        """Encode the image and/or caption of each item (all of one bucket) and write them."""
-        tensors: list[dict] = [{} for _ in batch]
-        with_pixels = [i for i, (_, job) in enumerate(batch) if "pixels" in job]
-        if with_pixels:
-            pixels = torch.stack([batch[i][1]["pixels"].permute(2, 0, 1) for i in with_pixels])
-            mean, std = self.encoders.encode_images(pixels)
-            for j, i in enumerate(with_pixels):
-                tensors[i].update(latent_mean=mean[j], latent_std=std[j])
-        need_text = [i for i, (work, _) in enumerate(batch) if not work.text_ok]
-        lengths = {}
-        if need_text:
-            prompt, pooled, token_counts = self.encoders.encode_texts([batch[i][0].item.caption for i in need_text])
-            for j, i in enumerate(need_text):
-                tensors[i].update(prompt_embeds=prompt[j], pooled_prompt_embeds=pooled[j])
-                lengths[i] = token_counts[j]
-        for i, (work, job) in enumerate(batch):
-            self._finish(work, job, tensors[i], lengths.get(i))
-        self.encoded_images += len(with_pixels)
-        if self.first_batch is None and with_pixels:
-            self.first_batch = (time.perf_counter(), self.encoded_images)
-
-    def _finish(self, work: Work, job: dict, tensors: dict, token_count: int | None) -> None:
-        old = work.old
-        missing = [n for n in C.ITEM_TENSORS if n not in tensors]
-        if missing:  # reuse the unchanged half from the existing file
-            previous = load_file(str(self.root / old["tensor_file"]))
-            tensors.update({n: previous[n] for n in missing})
-        plan = job.get("plan")
-        if plan is not None:
-            geometry = {
-                "bucket_wh": plan.bucket_wh,
-                "original_size_hw": plan.original_size_hw,
-                "crop_top_left": plan.crop_top_left,
-                "upscaled": plan.use_upscaler,
-            }
-            extra = {"source_wh": list(plan.source_wh), "category_key": plan.category_key}
-        else:  # caption-only update: the image side is unchanged
-            geometry = {k: old[k] for k in ("bucket_wh", "original_size_hw", "crop_top_left", "upscaled")}
-            extra = {"source_wh": old.get("source_wh"), "category_key": old.get("category_key")}
-        if token_count is None and old is not None:
-            token_count = old.get("caption_tokens")
-        notes = [work.item.caption_note] if work.item.caption_note else []
-        if token_count and token_count > 77:
-            notes.append(f"caption is {token_count} tokens: truncated to 77")
-        extra.update(
-            image_size_bytes=work.stat[0], image_mtime_ns=work.stat[1], caption_tokens=token_count, caption_notes=notes
-        )
-        sha = job.get("sha") or old["image_sha256"]
-        record = C.make_record(
-            work.item.relpath,
-            work.item.caption,
-            fingerprint=self.fingerprint,
-            image_sha256=sha,
-            extra=extra,
-            **geometry,
-        )
-        self.records.append(record)
-        self.pending_writes.append(self.writer.submit(C.write_item_file, self.root, record, tensors))
-        if len(self.pending_writes) > 64:
-            self.pending_writes.pop(0).result()  # bound memory; surface write errors early
-
-    def close(self) -> None:
-        for future in self.pending_writes:
-            future.result()
-        self.writer.shutdown()
-
-
 def _default_upscaler(args: CachingArgs, device: torch.device):
     import inspect
 
@@ -288,7 +171,7 @@ def _run(args: CachingArgs, upscaler_factory: UpscalerFactory | None, stop_after
     image_works, text_only, reused, unreadable = classify(mine, root, fingerprint, args)
     skipped += unreadable
     device = resolve_device()
-    pipe = Pipeline(args, root, fingerprint, device, upscaler_factory, batch_on_cpu)
+    pipe = Pipeline(args, root, fingerprint, device, upscaler_factory or _default_upscaler, batch_on_cpu)
     pipe.records.extend(reused)
     workers = args.resolved_num_workers(world)
     # Enough prefetched items that a whole batch is ready when the GPU finishes the previous one.
@@ -318,21 +201,25 @@ def _run(args: CachingArgs, upscaler_factory: UpscalerFactory | None, stop_after
                 bucket = pending[job["plan"].bucket_wh]
                 bucket.append((work, job))
                 if len(bucket) >= pipe.batch_size:
-                    pipe.encode_and_write(bucket)
+                    pipe.submit(list(bucket))
                     done += len(bucket)
                     bucket.clear()
             if stop_after is not None and done >= stop_after:
                 raise KeyboardInterrupt(f"stopped after {done} items (test)")
         for bucket in pending.values():
             for start in range(0, len(bucket), pipe.batch_size):
-                pipe.encode_and_write(bucket[start : start + pipe.batch_size])
+                pipe.submit(bucket[start : start + pipe.batch_size])
         for start in range(0, len(text_only), pipe.batch_size):
-            pipe.encode_and_write([(w, {}) for w in text_only[start : start + pipe.batch_size]])
+            pipe.submit([(w, {}) for w in text_only[start : start + pipe.batch_size]])
         if rank == 0:
             _ensure_empty_embeddings(root, fingerprint, pipe.encoders)
-    finally:
+    except BaseException as exc:
         progress.close()
-        pipe.close()
+        # Ctrl-C: finish the batch already encoded; any other failure: keep what is written, nothing more.
+        pipe.close(finish_in_flight=isinstance(exc, KeyboardInterrupt))
+        raise
+    progress.close()
+    pipe.close()
     ended = time.perf_counter()
     seconds = ended - started
     steady = None

@@ -159,7 +159,8 @@ class Encoders:
 
     @torch.inference_mode()
     def encode_images(self, pixels_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, H, W) uint8 -> (latent_mean, latent_std), each (B, C, H/8, W/8) and scaled like SDXL latents."""
+        """(B, 3, H, W) uint8 -> (latent_mean, latent_std), each (B, C, H/8, W/8), scaled like SDXL latents,
+        in the cache dtype, on the encoders' device (kernels queued, not waited for)."""
         vae = self.vae
         x = pixels_uint8.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
         with self._autocast():
@@ -168,7 +169,7 @@ class Encoders:
         shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
         mean = (posterior.mean.float() - shift) * scale
         std = posterior.std.float() * scale
-        return mean.to(self.store_dtype).cpu(), std.to(self.store_dtype).cpu()
+        return mean.to(self.store_dtype), std.to(self.store_dtype)  # on the device: the caller copies them back
 
     @torch.inference_mode()
     def encode_texts(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -189,7 +190,7 @@ class Encoders:
             if hasattr(out, "text_embeds"):
                 pooled = out.text_embeds.float()
         prompt = torch.cat(hidden, dim=-1)
-        return prompt.to(self.store_dtype).cpu(), pooled.to(self.store_dtype).cpu(), lengths
+        return prompt.to(self.store_dtype), pooled.to(self.store_dtype), lengths
 
 
 def resolve_device() -> torch.device:
