@@ -30,7 +30,7 @@ def _snapshot(folder):
 @pytest.fixture
 def counted(monkeypatch):
     """Counts weights-file reads and upscale calls of the real Upscaler (nothing is replaced)."""
-    upscale.clear_model_cache()  # a network loaded by an earlier test must not hide a load here
+    # (each test writes its weights to a fresh path, so a network an earlier test loaded cannot hide a load here)
     counts = {"reads": [], "upscales": []}
     real_read, real_upscale = upscale.read_state_dict, upscale.Upscaler.upscale
     monkeypatch.setattr(upscale, "read_state_dict", lambda path: counts["reads"].append(path.name) or real_read(path))
@@ -40,8 +40,7 @@ def counted(monkeypatch):
         return real_upscale(self, image, size_wh)
 
     monkeypatch.setattr(upscale.Upscaler, "upscale", spy)
-    yield counts
-    upscale.clear_model_cache()
+    return counts
 
 
 @pytest.mark.slow
