@@ -69,6 +69,11 @@ class CachingArgs:
         cache = Path(self.cache_dir).resolve()
         if cache == data or data in cache.parents:
             raise CachingArgsError(f"--cache_dir {self.cache_dir}: is inside --data_dir; the data folder is read-only")
+        if self.dataset_cache_dir == data:
+            raise CachingArgsError(
+                f"--cache_dir {self.cache_dir} with --basename {self.basename}: the dataset's cache folder would be "
+                "the data folder itself; choose another --cache_dir or --basename"
+            )
         for flag in ("min_resolution", "max_resolution", "upscale_to_resolution"):
             value = getattr(self, flag)
             if value is not None and (value <= 0 or value % 64):

@@ -135,6 +135,8 @@ def test_missing_data_folder_and_cache_inside_data_are_refused(tmp_path, capsys)
     (tmp_path / "data").mkdir()
     with pytest.raises(CachingArgsError, match="--cache_dir"):
         make_args(tmp_path / "data", tmp_path / "data" / "cache", tmp_path).validate()
+    with pytest.raises(CachingArgsError, match="--basename"):  # <cache_dir>/<basename> == the data folder
+        CachingArgs(data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path)).validate()
     with pytest.raises(CachingArgsError, match="--save_upscale_samples"):
         make_args(tmp_path / "data", tmp_path / "c", tmp_path, save_upscale_samples=str(tmp_path / "data")).validate()
 
