@@ -1,0 +1,200 @@
+"""The trainer end to end in one process (the tiny model, a synthetic cache): logging, saving, checkpoints,
+exact resume, per-sample time ids, non-finite steps, fp16 loss scaling, start-up checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import base_args, read_metrics, write_synthetic_cache
+
+import sdxl_fsdp_train
+from sdxl_trainer import data, diffusion, parallel, train, train_args
+from sdxl_trainer.distributed import cleanup
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cache")
+    write_synthetic_cache(root / "ds", {(64, 64): 9, (64, 96): 7})
+    return root
+
+
+def _model_tensors(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted((checkpoint_dir / "model").glob("*.safetensors")):
+        out.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+def _optimizer_tensors(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted((checkpoint_dir / "optimizer").glob("*.safetensors")):
+        out.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+def _assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_run_logs_saves_evaluates_and_resumes_exactly(tiny_model_dir, cache_root, tmp_path):
+    common = [
+        "--num_train_epochs", "2", "--validation_loss", "--validation_loss_percent", "0.2",
+        "--validation_loss_every_n_epochs", "1", "--learning_rate_scheduler", "linear", "--lr_warmup_steps", "2",
+        "--checkpointing_steps", "3", "--optimizer", "adamw8bit", "--dataloader_num_workers", "1",
+    ]  # fmt: skip
+    run_a = tmp_path / "a"
+    extra_a = ["--checkpoints_total_limit", "2", "--save_model_every_n_epochs", "1", "--save_single_file",
+               "--save_samples", "--num_sample_images", "2", "--sample_steps", "2",
+               "--save_samples_every_n_epochs", "2", "--handoff_dir", str(tmp_path / "handoff")]  # fmt: skip
+    assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, run_a, *common, *extra_a)) == 0
+
+    steps = read_metrics(run_a)
+    config = json.loads((run_a / "config.json").read_text())
+    planned = config["total_optimizer_steps"]
+    assert [r["step"] for r in steps] == list(range(1, planned + 1)) and planned >= 6
+    assert config["validation_items"] == 3 and config["train_items"] == 13
+    # Linear schedule of exactly the run's length, stepped once per optimizer step: warm-up then decay to 0.
+    lrs = [r["lr"] for r in steps]
+    assert lrs[0] == 0.0 and lrs[2] == pytest.approx(1e-3) and 0 < lrs[-1] < lrs[2]
+    assert lrs[-1] == pytest.approx(1e-3 / (planned - 2))
+    assert all(r["finite"] and r["grad_norm"] > 0 for r in steps)
+    validations = read_metrics(run_a, "validation")
+    assert [v["epoch"] for v in validations] == [0, 1, 2]  # epoch 0 is the base model
+    # Keep-last-2 (every 3 steps plus the final one).
+    kept = sorted(p.name for p in (run_a / "checkpoints").iterdir())
+    assert len(kept) == 2 and f"step-{planned}" in kept
+    # Saved models: an fp16 pipeline per epoch and the final one, plus single files; the handoff is gone.
+    for name in ("epoch-1", "epoch-2", "final"):
+        assert (run_a / name / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+        assert (run_a / f"{name}.safetensors").is_file()
+    assert not (tmp_path / "handoff").exists()
+    assert (run_a / "samples").is_dir()
+    final_unet = load_file(str(run_a / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
+    trained = {k.split(":", 1)[1]: v for k, v in _model_tensors(run_a / "checkpoints" / f"step-{planned}").items()}
+    assert all(v.dtype == torch.float16 for v in final_unet.values())
+    for k, v in final_unet.items():
+        assert torch.equal(v, trained[k].half()), k
+    # What a user looks at.
+    assert "validation loss" in (run_a / "train.log").read_text()
+    assert list((run_a / "tb").rglob("events.out.tfevents.*"))
+    summary = json.loads((run_a / "summary.json").read_text())
+    assert summary["completed"] and summary["optimizer_steps"] == planned
+
+    # Resume from the older kept checkpoint into a fresh folder: identical losses, LRs and final state.
+    run_c = tmp_path / "c"
+    resume = ["--resume_from_checkpoint", str(run_a / "checkpoints" / kept[0]), "--no-save_final_model"]
+    assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, run_c, *common, *resume)) == 0
+    start = int(kept[0].split("-")[1])
+    resumed = read_metrics(run_c)
+    assert [r["step"] for r in resumed] == list(range(start + 1, planned + 1))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in steps[start:]]
+    assert [r["lr"] for r in resumed] == lrs[start:]
+    assert (run_c / "validation_items.txt").read_text() == (run_a / "validation_items.txt").read_text()
+    _assert_same_tensors(_model_tensors(run_a / "checkpoints" / f"step-{planned}"),
+                         _model_tensors(run_c / "checkpoints" / f"step-{planned}"))  # fmt: skip
+    _assert_same_tensors(_optimizer_tensors(run_a / "checkpoints" / f"step-{planned}"),
+                         _optimizer_tensors(run_c / "checkpoints" / f"step-{planned}"))  # fmt: skip
+
+
+def test_time_ids_reach_the_unet_per_sample_in_order(tiny_model_dir, cache_root, tmp_path):
+    argv = base_args(tiny_model_dir, cache_root, tmp_path / "run", "--train_batch_size", "3")
+    tr = train.setup(train_args.parse_args(argv))
+    try:
+        seen = []
+        tr.unet.register_forward_pre_hook(
+            lambda _m, _a, kw: seen.append(kw["added_cond_kwargs"]["time_ids"].clone()), with_kwargs=True
+        )
+        plan = data.plan_epoch([e.bucket_wh for e in tr.data.training], [], [], 3, 1, 123, 1)
+        keys = [[(i, e, 1.0) for i, e in plan.batches[0]]]
+        batch = next(iter(data.make_loader(tr.data.dataset, keys, 0, False)))
+        train.train_step(tr, [batch])
+        expected = [list(tr.data.dataset.entries[i].item.time_ids) for i in batch["index"].tolist()]
+        assert seen[0].tolist() == expected and seen[0].shape == (3, 6)
+        assert len({tuple(r) for r in expected}) == 3  # distinct rows, so a mix-up would show
+    finally:
+        tr.log.close()
+        cleanup()
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_model_dir, tmp_path):
+    root = tmp_path / "nan_cache"
+    ds = write_synthetic_cache(root / "ds", {(64, 64): 4})
+    for f in ds.rglob("items/*/*.safetensors"):  # poison every latent
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        with safe_open(str(f), framework="pt") as fh:
+            meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+        tensors["latent_mean"] = torch.full_like(tensors["latent_mean"], float("nan"))
+        save_file(tensors, str(f), metadata=meta)
+    out = tmp_path / "run"
+    with pytest.raises(train.TrainingError, match="--max_nonfinite_steps 2"):
+        train.main(train_args.parse_args(base_args(tiny_model_dir, root, out, "--max_nonfinite_steps", "2",
+                                                   "--num_train_epochs", "3")))  # fmt: skip
+    steps = read_metrics(out)
+    assert [r["finite"] for r in steps] == [False, False]
+    state = json.loads((out / "checkpoints" / "step-2" / "train_state.json").read_text())
+    assert state["progress"]["skipped_steps"] == 2
+    weights = _model_tensors(out / "checkpoints" / "step-2")
+    assert all(torch.isfinite(v).all() for v in weights.values())  # skipped updates left the weights intact
+
+
+def test_fp16_uses_loss_scaling_and_unscales_before_clipping(tiny_model_dir, cache_root, tmp_path):
+    fp32, fp16 = tmp_path / "fp32", tmp_path / "fp16"
+    common = ["--max_train_steps", "2", "--no-save_final_model", "--max_grad_norm", "0.5"]
+    assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, fp32, *common)) == 0
+    assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, fp16, *common, "--mixed_precision", "fp16")) == 0
+    a, b = read_metrics(fp32), read_metrics(fp16)
+    assert [r["loss_scale"] for r in b] == [65536.0, 65536.0] and a[0]["loss_scale"] is None
+    # The norm is in true units (unscaled first), so it matches fp32 up to fp16 rounding, not 65536x.
+    assert b[0]["grad_norm"] == pytest.approx(a[0]["grad_norm"], rel=0.05)
+    assert b[1]["loss"] == pytest.approx(a[1]["loss"], rel=0.02)
+
+
+@pytest.mark.parametrize("strategy", ["shard_grad_op", "no_shard", "hybrid_shard"])
+def test_every_strategy_builds_its_mesh_and_trains(tiny_model_dir, cache_root, tmp_path, strategy):
+    """One process: the same code path per strategy (multi-process runs are in test_fsdp_multiprocess.py)."""
+    reference, out = tmp_path / "full_shard", tmp_path / strategy
+    common = ["--max_train_steps", "2", "--no-save_final_model"]
+    assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, reference, *common)) == 0
+    assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, out, *common, "--sharding", strategy)) == 0
+    a, b = read_metrics(reference), read_metrics(out)
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
+    assert json.loads((out / "config.json").read_text())["sharding"] == strategy
+
+
+def test_start_up_checks_name_the_flag(tiny_model_dir, cache_root, tmp_path):
+    with pytest.raises(data.DataError, match="--max_resolution 1024"):
+        train.main(train_args.parse_args(base_args(tiny_model_dir, cache_root, tmp_path / "r", "--max_resolution",
+                                                   "1024")))  # fmt: skip
+    with pytest.raises(Exception, match="--train_batch_size 50"):
+        train.main(train_args.parse_args(base_args(tiny_model_dir, cache_root, tmp_path / "r",
+                                                   "--train_batch_size", "50")))  # fmt: skip
+
+
+def test_sharding_check_refuses_an_unsharded_unet():
+    with pytest.raises(parallel.ShardingError, match="--sharding full_shard"):
+        parallel.verify_sharding(torch.nn.Linear(2, 2), None, "full_shard")
+
+
+def test_diffusion_predict_passes_int_time_ids(tiny_model_dir):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_model_dir), subfolder="unet")
+    sched = DDPMScheduler.from_pretrained(str(tiny_model_dir), subfolder="scheduler")
+    batch = {
+        "latents": torch.randn(2, 4, 8, 8), "noise": torch.randn(2, 4, 8, 8), "timesteps": torch.tensor([1, 999]),
+        "prompt_embeds": torch.randn(2, 77, 80), "pooled_prompt_embeds": torch.randn(2, 40),
+        "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64], [80, 60, 2, 1, 64, 64]]),
+    }  # fmt: skip
+    prediction, target = diffusion.predict(unet, sched, batch)
+    assert prediction.shape == target.shape == (2, 4, 8, 8)
