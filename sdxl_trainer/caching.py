@@ -113,10 +113,12 @@ def classify(items: list[DataItem], root: Path, fingerprint: dict, args: Caching
         # do); --verify_hashes re-hashes anyway. A changed stat is re-hashed in a worker before re-encoding.
         same_stat = image_ok and (old.get("image_size_bytes"), old.get("image_mtime_ns")) == file_stat
         work = Work(item, key, old, old["image_sha256"] if image_ok else None, text_ok, file_stat)
-        if same_stat and not args.verify_hashes:
-            (reused if text_ok else text_work).append(old if text_ok else work)
-        else:
+        if not same_stat or args.verify_hashes:
             image_work.append(work)
+        elif text_ok:
+            reused.append(old)
+        else:
+            text_work.append(work)
     return image_work, text_work, reused, skipped
 
 
