@@ -380,3 +380,15 @@ def test_gpu_cache_matches_cpu_cache(baseline, tmp_path, tiny_model_dir):
     shutil.copytree(baseline["data"], data, symlinks=True)
     run_caching(make_args(data, tmp_path / "cache", tiny_model_dir, batch_size=4))  # bf16 autocast on the GPU
     _assert_caches_close(tmp_path / "cache" / "ds", baseline["root"], atol=5e-2)
+
+
+def test_same_size_and_mtime_is_trusted_unless_verify_hashes(baseline, tmp_path, tiny_model_dir):
+    data, cache = copy_baseline(baseline, tmp_path)
+    path = data / "solid.png"
+    stat = path.stat()
+    Image.new("RGB", (128, 128), (20, 140, 240)).save(path)  # same size on disk (flat PNG), new colour
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+    assert run_caching(make_args(data, cache, tiny_model_dir))["encoded"] == 0  # as make and rsync assume
+    report = run_caching(make_args(data, cache, tiny_model_dir, verify_hashes=True))
+    assert report["encoded"] == 1 and report["reused"] == len(GOOD) - 1
