@@ -476,6 +476,7 @@ class Evaluator:
             for name, value in result.items():
                 self.tb_writer.add_scalar(METRIC_TAGS[name], value, epoch)
         line = json.dumps({"epoch": epoch, "images": n_images, **result})
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "validation_scores.jsonl", "a", encoding="utf-8") as f:
             f.write(line + "\n")
 

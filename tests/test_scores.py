@@ -42,6 +42,9 @@ def test_fid_is_exact_and_finite_when_covariances_are_singular():
     expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt
     assert np.isfinite(value) and value > 0
     assert value == pytest.approx(expected, rel=1e-5)
+    # The sample-space route (n < dim) and the feature-space route agree.
+    stats = (*scores.compute_feature_stats(a), *scores.compute_feature_stats(b))
+    assert scores.compute_fid(*stats) == pytest.approx(value, rel=1e-6)
     assert scores.compute_fid_from_features(a, a) == pytest.approx(0.0, abs=1e-6 * np.trace(s1))
 
 

@@ -1,0 +1,253 @@
+"""The trainer's evaluation step on the tiny pipeline: trained-UNet images, scores, grid, skips, two ranks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from eval_fixtures import (
+    TinyFeatures,
+    eval_args,
+    make_hps_checkpoint,
+    make_inception_weights,
+    make_lpips_backbone,
+    make_validation_items,
+    write_handoff,
+)
+from PIL import Image
+
+from sdxl_trainer import eval_support, evaluation, scores
+
+CPU = torch.device("cpu")
+# One step without classifier-free guidance keeps CPU tests fast (CFG is covered in test_sampling.py).
+FAST = ("--sample_steps", "1", "--sample_guidance_scale", "1", "--sample_width_px", "64", "--sample_height_px", "64")
+
+
+class Recorder:
+    """Stands in for a TensorBoard SummaryWriter."""
+
+    def __init__(self):
+        self.scalars: dict[str, list[tuple[int, float]]] = {}
+        self.images: list[tuple[str, tuple, int]] = []
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.setdefault(tag, []).append((step, value))
+
+    def add_image(self, tag, image, step, dataformats="CHW"):
+        self.images.append((tag, image.shape, step))
+
+
+def _evaluator(args, run_dir, model_dir, items, data_root, log, **kwargs):
+    return evaluation.Evaluator(
+        args, run_dir, str(model_dir), ["train caption"], items, data_root, 0, 1, CPU,
+        weight_dtype=torch.float32, log=log.append, **kwargs,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def handoffs(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("handoff")
+    return {
+        "base": write_handoff(tiny_model_dir, folder / "base.safetensors"),
+        "trained": write_handoff(tiny_model_dir, folder / "trained.safetensors", perturb=0.05),
+    }
+
+
+def test_schedule_follows_the_original_rules(tiny_model_dir, tmp_path):
+    args = eval_args(
+        "--save_samples", "--save_samples_every_n_epochs", "3", "--start_save_samples_epoch", "5",
+        "--validation_image", "--validation_image_every_n_epochs", "2",
+    )  # fmt: skip
+    ev = _evaluator(args, tmp_path, tiny_model_dir, make_validation_items(tmp_path / "d", 1), None, [])
+    assert [e for e in range(10) if ev.wants_samples(e)] == [0, 6, 9]  # epoch 0 = the Base Model row
+    assert [e for e in range(10) if ev.wants_validation(e)] == [0, 2, 4, 6, 8]
+    assert ev.wants_to_run(6) and not ev.wants_to_run(1)
+    with pytest.raises(evaluation.EvaluationArgsError, match="--sample_grid_max_rows"):
+        _evaluator(eval_args("--sample_grid_max_rows", "1"), tmp_path, tiny_model_dir, [], None, [])
+    with pytest.raises(evaluation.EvaluationArgsError, match="--sample_prompts"):
+        _evaluator(eval_args("--save_samples", "--sample_prompts", "/no/file"), tmp_path, tiny_model_dir, [], None, [])
+
+
+def test_all_scores_logged_grid_kept_and_reference_features_cached(tiny_model_dir, handoffs, tmp_path):
+    data = tmp_path / "data"
+    items = make_validation_items(data, 3)
+    hps_path, _ = make_hps_checkpoint(tmp_path)
+    args = eval_args(
+        "--save_samples", "--num_sample_images", "1", "--save_samples_every_n_epochs", "1", *FAST,
+        "--sample_grid_max_rows", "2", "--validation_image", "--validation_image_every_n_epochs", "1",
+        "--metrics_inception_weights", str(make_inception_weights(tmp_path / scores.INCEPTION_FILE_NAME)),
+        "--metrics_lpips_backbone", str(make_lpips_backbone(tmp_path / "alexnet.pth")),
+        "--metrics_hps_checkpoint", str(hps_path), "--metrics_hps_model", "tiny-hps-test",
+        "--metrics_kid_subsets", "5",
+    )  # fmt: skip
+    run_dir, tb, log = tmp_path / "run", Recorder(), []
+    ev = _evaluator(args, run_dir, tiny_model_dir, items, data, log, tb_writer=tb)
+    first = ev.run(0, handoffs["base"])
+    assert set(first) == {"fid", "kid", "kid_std", "is", "is_std", "lpips", "hps"}
+    assert all(math.isfinite(v) for v in first.values()) and first["lpips"] > 0
+    assert not any("skipped" in line for line in log)
+    assert any("FID on 3 images" in line for line in log)  # the small-n warning, once
+    for name, tag in eval_support.METRIC_TAGS.items():
+        assert tb.scalars[tag] == [(0, first[name])]
+    assert tb.scalars["Validation/Inception Score per epoch"] and tb.images[0][0] == "Samples/grid row"
+    cache_files = list((run_dir / "eval_cache").glob("reference_inception_*.safetensors"))
+    assert len(cache_files) == 1
+
+    # Same weights and fixed seeds: the next epoch's scores and sample row repeat exactly.
+    second = ev.run(1, handoffs["base"])
+    assert second == pytest.approx(first, rel=1e-6, abs=1e-12)
+    rows = run_dir / "samples" / "rows"
+    np.testing.assert_array_equal(_pixels(rows / "epoch_00000.png"), _pixels(rows / "epoch_00001.png"))
+
+    # A new process (resume): scorers rebuilt once, reference features read back from the cache file.
+    log2 = []
+    ev2 = _evaluator(args, run_dir, tiny_model_dir, items, data, log2)
+    third = ev2.run(2, handoffs["trained"])
+    assert any("reference features read from" in line for line in log2)
+    assert third["fid"] != first["fid"]  # other weights (this random Inception gives tiny values)
+    # Rows 0,1,2 with at most 2 image rows per file: the Base Model row heads both files.
+    assert sorted(p.name for p in (run_dir / "samples").glob("sample_grid_*.png")) == [
+        "sample_grid_001.png",
+        "sample_grid_002.png",
+    ]
+    lines = (run_dir / "validation_scores.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+def test_validation_images_come_from_the_handed_off_unet(tiny_model_dir, handoffs, tmp_path):
+    items = make_validation_items(tmp_path / "data", 2)
+    args = eval_args("--validation_image", "--validation_image_every_n_epochs", "1", "--save_validation_images",
+                     "--metrics", "", *FAST)  # fmt: skip
+    run_dir = tmp_path / "run"
+    ev = _evaluator(args, run_dir, tiny_model_dir, items, tmp_path / "data", [])
+    for epoch, handoff in ((0, "base"), (1, "trained"), (2, "base")):
+        assert ev.run(epoch, handoffs[handoff]) == {}
+
+    def images(epoch):
+        folder = run_dir / "validation_images" / f"epoch_{epoch:05d}"
+        return [_pixels(p) for p in sorted(folder.glob("*.png"))]
+
+    base, trained, base_again = images(0), images(1), images(2)
+    assert len(base) == 2 and [im.shape for im in base] == [(64, 64, 3), (48, 64, 3)]  # bucket sizes (h, w)
+    for b, t, b2 in zip(base, trained, base_again, strict=True):
+        assert np.abs(b - t).mean() > 1.0  # other weights, other images
+        np.testing.assert_array_equal(b, b2)  # weights back: the same images (fixed seeds)
+    caption = (run_dir / "validation_images" / "epoch_00000").glob("*.txt")
+    assert sorted(p.read_text() for p in caption) == sorted(it.caption for it in items)
+
+
+def test_handoff_that_does_not_match_the_unet_is_refused(tiny_model_dir, handoffs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(handoffs["base"])
+    state.pop(next(iter(state)))
+    save_file(state, tmp_path / "broken.safetensors")
+    args = eval_args("--save_samples", "--num_sample_images", "1", *FAST)
+    ev = _evaluator(args, tmp_path / "run", tiny_model_dir, [], None, [])
+    with pytest.raises(eval_support.EvaluationError, match="1 missing keys"):
+        ev.run(0, tmp_path / "broken.safetensors")
+
+
+def test_without_metric_weights_the_run_works_and_each_skip_is_one_line(
+    tiny_model_dir, handoffs, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(scores, "default_inception_weights", lambda: None)
+    items = make_validation_items(tmp_path / "data", 1)
+    args = eval_args("--validation_image", *FAST)
+    log = []
+    ev = _evaluator(args, tmp_path / "run", tiny_model_dir, items, tmp_path / "data", log)
+    assert ev.run(0, handoffs["base"]) == {}
+    skipped = [line for line in log if "skipped" in line]
+    assert len(skipped) == 5 and all("\n" not in line for line in skipped)
+    for name in ("FID", "KID", "IS", "LPIPS", "HPSv2"):
+        assert sum(line.startswith(f"{name} skipped: ") for line in skipped) == 1
+    assert any("validation at epoch 0: 1 images" in line for line in log)
+
+
+def test_without_the_data_folder_only_reference_free_scores_run(tiny_model_dir, handoffs, tmp_path):
+    items = make_validation_items(tmp_path / "data", 2)
+    hps_path, _ = make_hps_checkpoint(tmp_path)
+    args = eval_args("--validation_image", *FAST, "--metrics_hps_checkpoint", str(hps_path),
+                     "--metrics_hps_model", "tiny-hps-test", "--metrics_lpips_backbone",
+                     str(make_lpips_backbone(tmp_path / "alexnet.pth")))  # fmt: skip
+    log = []
+    ev = _evaluator(args, tmp_path / "run", tiny_model_dir, items, tmp_path / "gone", log,
+                    inception_extractor=TinyFeatures())  # fmt: skip
+    result = ev.run(0, handoffs["base"])
+    assert set(result) == {"is", "is_std", "hps"}
+    data_lines = [line for line in log if "data folder" in line]
+    assert len(data_lines) == 3 and all(line.split()[0] in ("FID", "KID", "LPIPS") for line in data_lines)
+
+
+def test_reference_key_follows_the_validation_set_content(tmp_path):
+    items = make_validation_items(tmp_path / "d", 3)
+    key = eval_support.reference_set_key(items, "inception:x")
+    assert eval_support.reference_set_key(list(items), "inception:x") == key
+    edited = [dataclasses.replace(items[0], image_sha256="f" * 64), *items[1:]]
+    assert eval_support.reference_set_key(edited, "inception:x") != key
+    assert eval_support.reference_set_key(items[:2], "inception:x") != key
+    assert eval_support.reference_set_key(items, "inception:y") != key
+    path = eval_support.reference_cache_path(tmp_path, key)
+    eval_support.write_reference_cache(path, key, np.ones((2, 4), np.float32), [True, False, True])
+    pool, ok = eval_support.read_reference_cache(path, key)
+    assert pool.shape == (2, 4) and ok == [True, False, True]
+    assert eval_support.read_reference_cache(path, "other") is None
+
+
+@pytest.mark.slow
+def test_two_ranks_split_the_work_without_duplicates_and_match_one_rank(tiny_model_dir, handoffs, tmp_path):
+    from eval_fixtures import TINY_HPS_CONFIG
+    from eval_two_ranks import run
+
+    items = make_validation_items(tmp_path / "data", 3)  # odd: the seed padded with duplicates here
+    hps_path, _ = make_hps_checkpoint(tmp_path)
+    (tmp_path / "tiny-hps-test.json").write_text(json.dumps(TINY_HPS_CONFIG))
+
+    def config(run_dir):
+        return {
+            "items": [dataclasses.asdict(it) for it in items],
+            "run_dir": str(run_dir),
+            "model_dir": str(tiny_model_dir),
+            "data_dir": str(tmp_path / "data"),
+            "handoff": str(handoffs["base"]),
+            "hps_checkpoint": str(hps_path),
+            "hps_config": str(tmp_path / "tiny-hps-test.json"),
+        }
+
+    (tmp_path / "two.json").write_text(json.dumps(config(tmp_path / "two")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).with_name("eval_two_ranks.py")), str(tmp_path / "two.json")]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    one = run(config(tmp_path / "one"), 0, 1)
+    validation_captions = [it.caption for it in items]
+    per_rank = [[p for p in r["generated"] if p in validation_captions] for r in ranks]
+    assert all(per_rank) and sorted(per_rank[0] + per_rank[1]) == sorted(validation_captions)  # no duplicates
+    samples = [[p for p in r["generated"] if p not in validation_captions] for r in ranks]
+    assert all(samples) and len(samples[0]) + len(samples[1]) == 2
+    assert ranks[0]["scores"] == ranks[1]["scores"]  # every rank returns the same scores
+    assert ranks[0]["scores"] == pytest.approx(one["scores"], rel=1e-5)
+    for sub in ("validation_images/epoch_00000", "samples/rows"):
+        two_files = sorted((tmp_path / "two" / sub).glob("*.png"))
+        one_files = sorted((tmp_path / "one" / sub).glob("*.png"))
+        assert [p.name for p in two_files] == [p.name for p in one_files] and one_files
+        for a, b in zip(two_files, one_files, strict=True):
+            # Same seeds and weights; only the thread count differs (1 per rank vs 2), so float sums may
+            # round one grey level apart in a rare pixel.
+            assert np.abs(_pixels(a) - _pixels(b)).max() <= 1
