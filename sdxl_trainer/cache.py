@@ -309,6 +309,16 @@ def open_dataset_cache(path: str | Path) -> DatasetCache:
     return DatasetCache(path)
 
 
+def _walk_for_caches(top: Path) -> list[Path]:
+    """Dataset cache folders below `top`, without descending into one (its items/ may hold millions of files)."""
+    found = []
+    for folder, dirnames, filenames in os.walk(top):
+        if META_FILE in filenames:
+            found.append(Path(folder))
+            dirnames.clear()
+    return found
+
+
 def find_dataset_caches(paths: Sequence[str | Path]) -> list[Path]:
     """Each path may be a cache root (every dataset cache below it, found recursively) or one dataset's
     cache folder. Sorted, de-duplicated. Raises CacheError naming the path when a path holds none."""
@@ -317,7 +327,7 @@ def find_dataset_caches(paths: Sequence[str | Path]) -> list[Path]:
         path = Path(p)
         if not path.is_dir():
             raise CacheError(f"{path}: no such cache folder")
-        roots = [path] if (path / META_FILE).is_file() else [m.parent for m in path.rglob(META_FILE)]
+        roots = [path] if (path / META_FILE).is_file() else _walk_for_caches(path)
         if not roots:
             raise CacheError(f"{path}: holds no dataset cache ({META_FILE}); run sdxl_process_data_dir.py first")
         found.update(r.resolve() for r in roots)
