@@ -105,3 +105,16 @@ def save_single_file(pipeline_dir: Path, dtype_name: str) -> Path:
     short = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype_name]
     out = pipeline_dir.with_name(pipeline_dir.name + ".safetensors")
     return convert.save_single_file(pipeline_dir, out, dtype=short, overwrite=True)
+
+
+def link_final(run_dir: Path, saved_name: str) -> None:
+    """`final` (and `final.safetensors`) as relative links to a pipeline already saved at the last step."""
+    for suffix in ("", ".safetensors"):
+        target, link = run_dir / f"{saved_name}{suffix}", run_dir / f"final{suffix}"
+        if not target.exists():
+            continue
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        elif link.is_dir():
+            shutil.rmtree(link)
+        link.symlink_to(target.name, target_is_directory=target.is_dir())

@@ -13,6 +13,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class Progress:
     finished_epoch: int = 0  # the last epoch whose end-of-epoch work (epoch loss, saving) ran
     epoch_losses: list[float] = field(default_factory=list)  # this epoch's per-step losses
     best_validation_loss: float | None = None
+    saved_model_step: int = -1  # the step of the last saved pipeline
 
 
 @dataclass
@@ -214,7 +216,9 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> dic
     elif finite:
         tr.optimizer.step()
     tr.optimizer.zero_grad()
-    tr.lr_scheduler.step()  # once per optimizer step, on every rank (B4)
+    with warnings.catch_warnings():  # a skipped step still advances the schedule, which torch warns about
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+        tr.lr_scheduler.step()  # once per optimizer step, on every rank (B4)
     return {
         "loss": loss_value,
         "grad_norm": table[0][1],
@@ -231,6 +235,7 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> dic
 
 def save_model(tr: Trainer, name: str) -> None:
     """Gather the full UNet to rank 0 only (collective); rank 0 writes the pipeline and the single file."""
+    tr.progress.saved_model_step = tr.progress.step
     full = saving.gather_full_state_dict(tr.unet)
     if tr.info.is_main_process:
         a = tr.args
@@ -361,8 +366,10 @@ def train(tr: Trainer) -> dict:
             break
     if completed:
         save_checkpoint(tr)
-        if tr.args.save_final_model:
+        if tr.args.save_final_model and tr.progress.saved_model_step != tr.progress.step:
             save_model(tr, "final")
+        elif tr.args.save_final_model and tr.info.is_main_process:  # same weights: link instead of a second copy
+            saving.link_final(tr.run_dir, f"epoch-{tr.progress.finished_epoch}")
     return summarize(tr, completed)
 
 
@@ -380,7 +387,9 @@ def summarize(tr: Trainer, completed: bool) -> dict:
         "wall_seconds": time.monotonic() - tr.start_time,
         "best_validation_loss": p.best_validation_loss,
         "world_size": tr.info.world_size,
-        "peak_gpu_memory_gib_per_rank": [peak for _, peak in tr.log.last_memory] if tr.log.last_memory else None,
+        "peak_gpu_memory_gib_per_rank": [peak for _, peak in tr.log.last_memory]
+        if tr.info.device.type == "cuda"
+        else None,
     }
     if tr.info.is_main_process:
         write_json(tr.run_dir / "summary.json", summary)

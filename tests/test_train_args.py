@@ -113,3 +113,19 @@ def test_run_name_follows_the_original_without_the_output_dir_collision(tmp_path
     assert train_args.run_name(args, 2) == "p_gpus2_bsz4_gradAccum5_lr3e-05"
     args = _parse(tmp_path, "--output_dir", str(tmp_path / "runs" / "mine"))
     assert train_args.run_name(args, 2) == "mine"  # a name, not a path (B24)
+
+
+def test_the_train_sh_recipe_parses(repo_root, tmp_path):
+    """Every flag train.sh passes exists and its values are valid (the recipe is the README's main command)."""
+    import re
+    import shlex
+
+    text = (repo_root / "train.sh").read_text()
+    start = text.index("sdxl_fsdp_train.py \\\n") + len("sdxl_fsdp_train.py")
+    command = text[start : text.rindex('"$@"')]
+    command = re.sub(r'"\$[A-Z_]+"', "VALUE", command.replace("\\\n", " "))
+    argv = shlex.split(command)
+    argv[argv.index("--mixed_precision") + 1] = "no"
+    argv[argv.index("--cached_dataset_dirs") + 1] = str(tmp_path)
+    args = train_args.parse_args(argv)
+    assert args.resume_from_checkpoint == "auto" and args.validation_loss and args.save_samples

@@ -76,6 +76,7 @@ def test_a_run_logs_saves_evaluates_and_resumes_exactly(tiny_model_dir, cache_ro
     for name in ("epoch-1", "epoch-2", "final"):
         assert (run_a / name / "unet" / "diffusion_pytorch_model.safetensors").is_file()
         assert (run_a / f"{name}.safetensors").is_file()
+    assert (run_a / "final").resolve() == (run_a / "epoch-2").resolve()  # the same weights: a link, not a copy
     assert not (tmp_path / "handoff").exists()
     assert (run_a / "samples").is_dir()
     final_unet = load_file(str(run_a / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
