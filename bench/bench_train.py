@@ -1,0 +1,210 @@
+"""Training throughput of the project's own trainer on one GPU, against the original trainer's recipe.
+
+What runs: `sdxl_fsdp_train.py`'s own code path (`sdxl_trainer.train.main`): the cache reader and DataLoader
+over a cache of random full-size items (1024-px buckets of several aspect ratios), FSDP2 sharding, the real
+step (noise, time ids, loss, clipping, optimizer, LR schedule), logging to TensorBoard and the progress bar.
+The UNet is a full-size SDXL-base-shaped UNet with random weights, written once as a diffusers folder.
+In the same run, the original trainer's recipe (fp32 weights, fp16 autocast, gradient checkpointing,
+bitsandbytes AdamW8bit, batch 8) is timed on random inputs as the baseline (from bench_levers.py).
+
+images/s is wall-clock over the steady-state steps (after --warmup_steps), measured between the ends of
+optimizer steps, so data loading and logging between steps are included. Peak GiB is
+torch.cuda.max_memory_allocated. One JSON line per configuration; each runs in its own process.
+
+    python bench/bench_train.py                    # every configuration
+    python bench/bench_train.py --only default_B8,memory_24GiB
+    python bench/bench_train.py --memory_search    # largest batch that trains inside an emulated 24 GiB card
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_levers import CEILING_IMAGES_PER_S, SDXL_UNET_CONFIG  # noqa: E402
+
+BUCKETS_WH = [(1024, 1024), (832, 1216), (1216, 832), (896, 1152)]
+CEILING = CEILING_IMAGES_PER_S
+
+# name -> extra trainer flags; every configuration also gets --train_batch_size from "batch".
+CONFIGS = {
+    "default_B8": dict(batch=8, flags=[]),
+    "adamw_B8": dict(batch=8, flags=["--optimizer", "adamw"]),
+    "adamw_nockpt_B8": dict(batch=8, flags=["--optimizer", "adamw", "--no_gradient_checkpointing"]),
+    "adamw_nockpt_B12": dict(batch=12, flags=["--optimizer", "adamw", "--no_gradient_checkpointing"]),
+    "adamw_nockpt_compile_B8": dict(
+        batch=8, flags=["--optimizer", "adamw", "--no_gradient_checkpointing", "--compile", "regional"]
+    ),
+    "adamw_nockpt_compile_B12": dict(
+        batch=12, flags=["--optimizer", "adamw", "--no_gradient_checkpointing", "--compile", "regional"]
+    ),
+    "adamw8bit_ckpt_B32": dict(batch=32, flags=["--optimizer", "adamw8bit", "--gradient_checkpointing"]),
+}
+
+
+def write_model(folder: Path) -> None:
+    """A diffusers folder with a full-size random SDXL UNet (fp16 on disk, upcast to fp32 master weights on
+    load) and SDXL base's scheduler settings."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+
+    if (folder / "unet" / "config.json").exists():
+        return
+    with torch.device("cuda"):
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG).half()
+    unet.save_pretrained(folder / "unet")
+    EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        timestep_spacing="leading", steps_offset=1, prediction_type="epsilon",
+    ).save_pretrained(folder / "scheduler")  # fmt: skip
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+
+
+def write_cache(folder: Path, items_per_bucket: int) -> None:
+    """Random full-size items: latents (4, H/8, W/8), 77x2048 context, 1280 pooled, in fp16 like the real cache."""
+    from sdxl_trainer.cache import CacheWriter
+
+    if (folder / "cache.json").exists():
+        return
+    g = torch.Generator().manual_seed(0)
+    writer = CacheWriter(folder, fingerprint={"image": {"bench": "random"}, "text": {"bench": "random"}})
+    writer.write_empty_embeddings(torch.zeros(77, 2048, dtype=torch.float16), torch.zeros(1280, dtype=torch.float16))
+    for w, h in BUCKETS_WH:
+        for i in range(items_per_bucket):
+            latent_shape = (4, h // 8, w // 8)
+            tensors = {
+                "latent_mean": torch.randn(latent_shape, generator=g).half(),
+                "latent_std": (0.05 * torch.rand(latent_shape, generator=g)).half(),
+                "prompt_embeds": torch.randn(77, 2048, generator=g).half(),
+                "pooled_prompt_embeds": torch.randn(1280, generator=g).half(),
+            }
+            writer.write_item(f"{w}x{h}/{i:05d}.png", f"caption {i}", bucket_wh=(w, h), original_size_hw=(h, w),
+                              crop_top_left=(0, 0), tensors=tensors)  # fmt: skip
+    writer.finalize()
+
+
+def run_trainer(work: Path, name: str, warmup_steps: int, timed_steps: int, memory_cap_gib: float | None) -> dict:
+    """Child process: run the trainer and time its steady-state optimizer steps."""
+    from sdxl_trainer import train
+    from sdxl_trainer.train_args import parse_args
+
+    cfg = CONFIGS.get(name) or dict(batch=int(name.rsplit("_B", 1)[1]), flags=MEMORY_FLAGS)
+    if memory_cap_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(memory_cap_gib * 2**30 / total)
+    step_end_times: list[float] = []
+    original_step = train.train_step
+
+    def timed_step(tr, micro_batches):
+        result = original_step(tr, micro_batches)
+        step_end_times.append(time.perf_counter())  # the step ends in a host sync, so this is wall-clock truth
+        return result
+
+    train.train_step = timed_step
+    out = work / "runs" / name
+    argv = [
+        "--pretrained_model_name_or_path", str(work / "model"), "--cached_dataset_dirs", str(work / "cache"),
+        "--output_dir", str(out), "--log_dir", str(work / "logs"), "--train_batch_size", str(cfg["batch"]),
+        "--max_train_steps", str(warmup_steps + timed_steps), "--gradient_accumulation_steps", "1",
+        "--mixed_precision", "bf16", "--dataloader_num_workers", "4", "--no-save_final_model",
+        "--checkpointing_steps", "0", "--learning_rate", "1e-6",
+        *cfg["flags"],
+    ]  # fmt: skip
+    torch.cuda.reset_peak_memory_stats()
+    result = dict(name=name, batch=cfg["batch"], flags=" ".join(cfg["flags"]))
+    try:
+        summary = train.main(parse_args(argv))
+        span = step_end_times[-1] - step_end_times[warmup_steps - 1]
+        images_per_s = cfg["batch"] * (len(step_end_times) - warmup_steps) / span
+        result.update(
+            images_per_s=round(images_per_s, 2),
+            peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
+            share_of_ceiling=round(images_per_s / CEILING, 3),
+            steps=summary["optimizer_steps"],
+            skipped_steps=summary["skipped_steps"],
+        )
+    except Exception as exc:  # noqa: BLE001 - an out-of-memory configuration is a result
+        result["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    if memory_cap_gib:
+        result["memory_cap_gib"] = memory_cap_gib
+    return result
+
+
+# The settings documented for 24 GB cards (see README, "Memory").
+MEMORY_FLAGS = ["--optimizer", "adamw8bit", "--gradient_checkpointing"]
+
+
+def run_child(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        return dict(args=" ".join(args), error=f"exit {proc.returncode}: {proc.stderr[-600:]}")
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="comma-separated configuration names (default: all)")
+    parser.add_argument("--warmup_steps", type=int, default=4)
+    parser.add_argument("--timed_steps", type=int, default=10)
+    parser.add_argument("--memory_search", action="store_true", help="only the 24 GiB largest-batch search")
+    parser.add_argument("--memory_cap_gib", type=float, default=24.0)
+    parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "sdxl_bench_train"))
+    parser.add_argument("--child", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--cap", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    work = Path(args.work_dir)
+    if args.child:
+        r = run_trainer(work, args.child, args.warmup_steps, args.timed_steps, args.cap or None)
+        print(json.dumps(r), flush=True)
+        return
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    steps = args.warmup_steps + args.timed_steps
+    write_model(work / "model")
+    write_cache(work / "cache" / "random1024", items_per_bucket=max(8 * 32 // len(BUCKETS_WH), 16))
+    print(json.dumps(dict(torch=torch.__version__, gpu=torch.cuda.get_device_name(), steps=steps)), flush=True)
+    common = ["--warmup_steps", str(args.warmup_steps), "--timed_steps", str(args.timed_steps), "--work_dir", str(work)]
+
+    baseline = run_child_levers("original_recipe_fp32w_fp16amp_ckpt_bnb8bit")
+    print(json.dumps(baseline), flush=True)
+    base_rate = baseline.get("images_per_s")
+    if not args.memory_search:
+        wanted = [w for w in args.only.split(",") if w]
+        for name in CONFIGS:
+            if wanted and name not in wanted:
+                continue
+            r = run_child(["--child", name, *common])
+            if base_rate and "images_per_s" in r:
+                r["ratio_to_original_recipe"] = round(r["images_per_s"] / base_rate, 2)
+            print(json.dumps(r), flush=True)
+    if args.memory_search or not args.only:
+        largest = 0
+        for batch in (1, 2, 4, 6, 8):
+            r = run_child(["--child", f"memory_B{batch}", "--cap", str(args.memory_cap_gib), *common])
+            print(json.dumps(r), flush=True)
+            if "error" in r:
+                break
+            largest = batch
+        print(json.dumps(dict(name="memory_search", memory_cap_gib=args.memory_cap_gib, largest_batch=largest,
+                              flags=" ".join(MEMORY_FLAGS))), flush=True)  # fmt: skip
+
+
+def run_child_levers(name: str) -> dict:
+    script = Path(__file__).resolve().parent / "bench_levers.py"
+    proc = subprocess.run([sys.executable, str(script), "--child", name], capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1]) if lines else dict(name=name, error=proc.stderr[-300:])
+
+
+if __name__ == "__main__":
+    main()
