@@ -103,6 +103,7 @@ def test_full_size_sdxl_unet_trains_at_1024_and_reports_memory(tiny_model_dir, t
     print(
         f"\nfull-size SDXL UNet, 1024 px, {gpus} GPU(s) x batch {batch}, FULL_SHARD, bf16, AdamW8bit, checkpointing: "
         f"{rate:.2f} images/s in total ({rate / gpus:.2f} per GPU) over steps 3-{steps}; "
-        f"peak allocated GiB per rank {[round(p, 2) for p in peaks]}; losses {[round(r['loss'], 4) for r in step_records]}"
+        f"peak allocated GiB per rank {[round(p, 2) for p in peaks]}; "
+        f"losses {[round(r['loss'], 4) for r in step_records]}"
     )
     assert len(peaks) == gpus and all(p > 1.0 for p in peaks)
