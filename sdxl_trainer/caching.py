@@ -123,17 +123,17 @@ def classify(items: list[DataItem], root: Path, fingerprint: dict, args: Caching
 
 
 def _default_upscaler(args: CachingArgs, device: torch.device):
-    import inspect
-
     from sdxl_trainer.upscale import Upscaler, UpscalerError
 
-    kwargs = dict(face_restore_model_path=args.face_restore_model if args.upscale_use_GFPGAN else None,
-                  device=device, half=device.type == "cuda" and args.mixed_precision != "no")  # fmt: skip
-    params = inspect.signature(Upscaler).parameters
-    if "model_flag" in params:  # name our flags in its error messages
-        kwargs.update(model_flag="--upscaler_model", face_restore_flag="--face_restore_model")
     try:
-        return Upscaler(args.upscaler_model, **kwargs)
+        return Upscaler(
+            args.upscaler_model,
+            face_restore_model_path=args.face_restore_model if args.upscale_use_GFPGAN else None,
+            device=device,
+            half=device.type == "cuda" and args.mixed_precision != "no",
+            model_flag="--upscaler_model",  # our flag names in its error messages
+            face_restore_flag="--face_restore_model",
+        )
     except UpscalerError as exc:
         raise CachingError(str(exc)) from exc
 

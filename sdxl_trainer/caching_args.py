@@ -32,6 +32,11 @@ class CachingArgs:
         "SDXL diffusers folder (or a hub id already in the local hub cache): tokenizers, text encoders and VAE",
     )  # fmt: skip
     vae: str | None = _f(None, "VAE override (a diffusers AutoencoderKL folder), e.g. the fp16-fix VAE")
+    single_file_config: str | None = _f(
+        None,
+        "a diffusers SDXL folder whose configs, tokenizers and scheduler describe the checkpoint (e.g. SDXL base's); "
+        "required when --pretrained_model_name_or_path is a single-file .safetensors checkpoint",
+    )
     min_resolution: int = _f(256, "smallest category key; images whose 64-floored area is below its square are skipped")
     max_resolution: int = _f(1024, "largest category key; larger images are downscaled into it")
     upscale_to_resolution: int | None = _f(
@@ -127,6 +132,13 @@ class CachingArgs:
             looks_local = value and (value.startswith((".", "/", "~")) or value.count("/") != 1)
             if looks_local and not Path(value).expanduser().exists():
                 raise CachingArgsError(f"--{flag} {value}: no such folder")
+        from sdxl_trainer import models
+
+        try:
+            models.check_model_args(self.pretrained_model_name_or_path, self.single_file_config)
+        except models.ModelLoadError as exc:
+            raise CachingArgsError(str(exc)) from exc
+        models.set_single_file_config(self.single_file_config)
 
     def resolved_num_workers(self, world_size: int) -> int:
         if self.num_workers is not None:

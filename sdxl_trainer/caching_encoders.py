@@ -72,7 +72,12 @@ def _local_model_dir(name_or_path: str) -> Path | None:
         return None
 
 
-def _identity(hasher: FileHasher, name_or_path: str, subfolders: list[str | None]) -> dict:
+def _identity(
+    hasher: FileHasher, name_or_path: str, subfolders: list[str | None], single_file_config: str | None = None
+) -> dict:
+    if Path(name_or_path).is_file():  # a single-file checkpoint: its bytes, plus the configs that describe it
+        config = _identity(hasher, single_file_config, subfolders) if single_file_config else None
+        return {"file": hasher.file(Path(name_or_path)), "config": config}
     root = _local_model_dir(name_or_path)
     if root is None:
         return {"unresolved": name_or_path}
@@ -94,13 +99,16 @@ def upscale_settings(args: CachingArgs, hasher: FileHasher) -> dict | None:
         "model_sha256": hasher.file(Path(args.upscaler_model)),
         "face_restore_sha256": hasher.file(Path(args.face_restore_model)) if args.upscale_use_GFPGAN else None,
         "algorithm_version": getattr(upscale, "UPSCALE_ALGORITHM_VERSION", None),
+        # fp16 and fp32 networks give slightly different pixels: switching recomputes the upscaled items
+        "half": args.mixed_precision != "no" and torch.cuda.is_available(),
     }
 
 
 def build_fingerprint(args: CachingArgs, hasher: FileHasher) -> dict:
     """{"image": what shapes the latents, "text": what shapes the embeddings, "info": readable, not compared}."""
     model = args.pretrained_model_name_or_path
-    vae = _identity(hasher, args.vae, [None]) if args.vae else _identity(hasher, model, ["vae"])
+    config = args.single_file_config
+    vae = _identity(hasher, args.vae, [None]) if args.vae else _identity(hasher, model, ["vae"], config)
     return {
         "image": {
             "vae": vae,
@@ -112,7 +120,9 @@ def build_fingerprint(args: CachingArgs, hasher: FileHasher) -> dict:
             "geometry_version": GEOMETRY_VERSION,
         },
         "text": {
-            "encoders": _identity(hasher, model, ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"]),
+            "encoders": _identity(
+                hasher, model, ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"], config
+            ),
             "mixed_precision": args.mixed_precision,
             "cache_dtype": args.cache_dtype,
             "text_version": TEXT_VERSION,
