@@ -481,16 +481,17 @@ class Evaluator:
             f.write(line + "\n")
 
     def _save_validation_images(self, epoch: int, images: dict[int, Image.Image]) -> None:
+        """PNG + caption per image, named after the item's path in the data folder, so that
+        `metrics.py --generated <this folder> --reference <data folder>` pairs them by name."""
         folder = self.run_dir / "validation_images" / f"epoch_{epoch:05d}"
-        folder.mkdir(parents=True, exist_ok=True)
         for i, image in images.items():
             item = self.validation_items[i]
-            path = folder / f"{i:05d}_{item.key[:12]}.png"
+            path = (folder / item.image_relpath).with_suffix(".png")
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")
             image.save(tmp, format="PNG")
             os.replace(tmp, path)
-            if epoch == 0 or not (folder / f"{path.stem}.txt").exists():
-                (folder / f"{path.stem}.txt").write_text(item.caption, encoding="utf-8")
+            path.with_suffix(".txt").write_text(item.caption, encoding="utf-8")
 
 
 def validation_seed(base_seed: int, item_key: str) -> int:

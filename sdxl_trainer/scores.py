@@ -49,7 +49,7 @@ DISPLAY_NAMES = {
 # What a number means; shown by --help and in the printed tables. The seed's README had IS backwards.
 DIRECTIONS = {
     "fid": "lower is better (distance between generated and reference Inception statistics)",
-    "kid": "lower is better (unbiased kernel distance; reliable on small sets)",
+    "kid": "lower is better (unbiased kernel distance; usable on smaller sets than FID)",
     "is": "higher is better (confident and diverse ImageNet classes; about 1 = poor)",
     "lpips": "lower = closer to the reference image of the same caption (a fidelity measure, 0 = identical)",
     "hps": "higher is better (human preference for the image given its caption; compare on equal prompts)",

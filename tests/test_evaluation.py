@@ -17,9 +17,9 @@ from eval_fixtures import (
     TinyFeatures,
     eval_args,
     make_hps_checkpoint,
-    make_inception_weights,
     make_lpips_backbone,
     make_validation_items,
+    shared_inception_weights,
     write_handoff,
 )
 from PIL import Image
@@ -29,6 +29,11 @@ from sdxl_trainer import eval_support, evaluation, scores
 CPU = torch.device("cpu")
 # One step without classifier-free guidance keeps CPU tests fast (CFG is covered in test_sampling.py).
 FAST = ("--sample_steps", "1", "--sample_guidance_scale", "1", "--sample_width_px", "64", "--sample_height_px", "64")
+
+
+@pytest.fixture(scope="session")
+def inception_weights_file(tmp_path_factory):
+    return shared_inception_weights(tmp_path_factory)
 
 
 class Recorder:
@@ -76,14 +81,16 @@ def test_schedule_follows_the_original_rules(tiny_model_dir, tmp_path):
         _evaluator(eval_args("--save_samples", "--sample_prompts", "/no/file"), tmp_path, tiny_model_dir, [], None, [])
 
 
-def test_all_scores_logged_grid_kept_and_reference_features_cached(tiny_model_dir, handoffs, tmp_path):
+def test_all_scores_logged_grid_kept_and_reference_features_cached(
+    tiny_model_dir, handoffs, inception_weights_file, tmp_path
+):
     data = tmp_path / "data"
     items = make_validation_items(data, 3)
     hps_path, _ = make_hps_checkpoint(tmp_path)
     args = eval_args(
         "--save_samples", "--num_sample_images", "1", "--save_samples_every_n_epochs", "1", *FAST,
         "--sample_grid_max_rows", "2", "--validation_image", "--validation_image_every_n_epochs", "1",
-        "--metrics_inception_weights", str(make_inception_weights(tmp_path / scores.INCEPTION_FILE_NAME)),
+        "--metrics_inception_weights", str(inception_weights_file),
         "--metrics_lpips_backbone", str(make_lpips_backbone(tmp_path / "alexnet.pth")),
         "--metrics_hps_checkpoint", str(hps_path), "--metrics_hps_model", "tiny-hps-test",
         "--metrics_kid_subsets", "5",
@@ -138,15 +145,16 @@ def test_validation_images_come_from_the_handed_off_unet(tiny_model_dir, handoff
 
     def images(epoch):
         folder = run_dir / "validation_images" / f"epoch_{epoch:05d}"
-        return [_pixels(p) for p in sorted(folder.glob("*.png"))]
+        return [_pixels(p) for p in sorted(folder.rglob("*.png"))]
 
     base, trained, base_again = images(0), images(1), images(2)
     assert len(base) == 2 and [im.shape for im in base] == [(64, 64, 3), (48, 64, 3)]  # bucket sizes (h, w)
     for b, t, b2 in zip(base, trained, base_again, strict=True):
         assert np.abs(b - t).mean() > 1.0  # other weights, other images
         np.testing.assert_array_equal(b, b2)  # weights back: the same images (fixed seeds)
-    caption = (run_dir / "validation_images" / "epoch_00000").glob("*.txt")
-    assert sorted(p.read_text() for p in caption) == sorted(it.caption for it in items)
+    folder = run_dir / "validation_images" / "epoch_00000"
+    for it in items:  # named after the data folder's path, for metrics.py to pair them
+        assert (folder / it.image_relpath).with_suffix(".txt").read_text() == it.caption
 
 
 def test_handoff_that_does_not_match_the_unet_is_refused(tiny_model_dir, handoffs, tmp_path):
@@ -244,8 +252,8 @@ def test_two_ranks_split_the_work_without_duplicates_and_match_one_rank(tiny_mod
     assert ranks[0]["scores"] == ranks[1]["scores"]  # every rank returns the same scores
     assert ranks[0]["scores"] == pytest.approx(one["scores"], rel=1e-5)
     for sub in ("validation_images/epoch_00000", "samples/rows"):
-        two_files = sorted((tmp_path / "two" / sub).glob("*.png"))
-        one_files = sorted((tmp_path / "one" / sub).glob("*.png"))
+        two_files = sorted((tmp_path / "two" / sub).rglob("*.png"))
+        one_files = sorted((tmp_path / "one" / sub).rglob("*.png"))
         assert [p.name for p in two_files] == [p.name for p in one_files] and one_files
         for a, b in zip(two_files, one_files, strict=True):
             # Same seeds and weights; only the thread count differs (1 per rank vs 2), so float sums may

@@ -7,10 +7,15 @@ import pytest
 import scipy.linalg
 import scipy.special
 import torch
-from eval_fixtures import TinyFeatures, make_hps_checkpoint, make_inception_weights, make_lpips_backbone
+from eval_fixtures import TinyFeatures, make_hps_checkpoint, make_lpips_backbone, shared_inception_weights
 from PIL import Image
 
 from sdxl_trainer import eval_support, scores
+
+
+@pytest.fixture(scope="session")
+def inception_weights_file(tmp_path_factory):
+    return shared_inception_weights(tmp_path_factory)
 
 
 def _two_sets(n1: int, n2: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -137,9 +142,8 @@ def test_inception_score_matches_scipy_and_higher_means_confident_and_diverse():
         scores.compute_inception_score(logits[:2], splits=3)
 
 
-def test_inception_scorer_loads_the_real_file_layout_and_batches_mixed_sizes(tmp_path):
-    weights = make_inception_weights(tmp_path / scores.INCEPTION_FILE_NAME)
-    scorer = scores.InceptionScorer(weights, batch_size=2)
+def test_inception_scorer_loads_the_real_file_layout_and_batches_mixed_sizes(inception_weights_file, tmp_path):
+    scorer = scores.InceptionScorer(inception_weights_file, batch_size=2)
     g = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, h, 64), dtype=torch.uint8, generator=g) for h in (64, 64, 48, 64)]
     pool, logits = scorer.features(images)
