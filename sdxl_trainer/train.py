@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import signal
 import time
 import warnings
@@ -217,7 +218,7 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> dic
         tr.optimizer.step()
     tr.optimizer.zero_grad()
     with warnings.catch_warnings():  # a skipped step still advances the schedule, which torch warns about
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
         tr.lr_scheduler.step()  # once per optimizer step, on every rank (B4)
     return {
         "loss": loss_value,

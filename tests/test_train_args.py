@@ -93,6 +93,7 @@ def test_aliases_keep_the_originals_names(tmp_path):
         (["--sharding", "zero3"], "--sharding"),
         (["--train_batch_size", "0"], "--train_batch_size"),
         (["--validation_loss_percent", "1.5"], "--validation_loss_percent"),
+        (["--sample_grid_max_rows", "1"], "--sample_grid_max_rows"),  # the evaluation module's own check
     ],
 )
 def test_bad_values_and_combinations_fail_at_start_naming_the_flag(tmp_path, capsys, extra, flag):
