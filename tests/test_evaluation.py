@@ -259,3 +259,45 @@ def test_two_ranks_split_the_work_without_duplicates_and_match_one_rank(tiny_mod
             # Same seeds and weights; only the thread count differs (1 per rank vs 2), so float sums may
             # round one grey level apart in a rare pixel.
             assert np.abs(_pixels(a) - _pixels(b)).max() <= 1
+
+
+@pytest.mark.slow
+def test_trainer_scores_its_own_unet_and_keeps_the_grid(tiny_model_dir, inception_weights_file, tmp_path):
+    """The real training script with --save_samples --validation_image on the tiny model."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from train_helpers import base_args, read_metrics, write_synthetic_cache
+
+    import sdxl_fsdp_train
+
+    cache = write_synthetic_cache(tmp_path / "cache" / "ds", {(64, 64): 6})
+    data = tmp_path / "data"  # the images the synthetic cache names: img_0000.png ...
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for n in range(6):
+        Image.fromarray(rng.integers(0, 255, (70, 64, 3), dtype=np.uint8)).save(data / f"img_{n:04d}.png")
+    hps_path, _ = make_hps_checkpoint(tmp_path)
+    run = tmp_path / "run"
+    extra = [
+        "--num_train_epochs", "1", "--data_dir", str(data),
+        "--save_samples", "--num_sample_images", "2", "--save_samples_every_n_epochs", "1", *FAST,
+        "--validation_image", "--validation_image_percent", "0.34", "--validation_image_every_n_epochs", "1",
+        "--metrics_inception_weights", str(inception_weights_file), "--metrics_kid_subsets", "3",
+        "--metrics_lpips_backbone", str(make_lpips_backbone(tmp_path / "alexnet.pth")),
+        "--metrics_hps_checkpoint", str(hps_path), "--metrics_hps_model", "tiny-hps-test",
+    ]  # fmt: skip
+    assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache.parent, run, *extra)) == 0
+    assert "validation at epoch 1: 2 images" in (run / "train.log").read_text()
+
+    epochs = [json.loads(line) for line in (run / "validation_scores.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [0, 1] and all(e["images"] == 2 for e in epochs)
+    for e in epochs:
+        assert {"fid", "kid", "is", "lpips", "hps"} <= set(e)
+    assert epochs[0]["lpips"] != epochs[1]["lpips"]  # epoch 1 comes from the trained UNet, not the base model
+    assert [r["epoch"] for r in read_metrics(run, "scores")] == [0, 1]
+    with Image.open(run / "samples" / "sample_grid_001.png") as grid:
+        assert grid.size == (64 * 3, 64 * 3)  # label + 2 prompts; prompts, Base Model, Epoch: 1
+    (folder,) = {p.parent for p in (run / "tb").rglob("events.out.tfevents.*")}  # one writer: rank 0's
+    events = EventAccumulator(str(folder)).Reload()
+    for name in ("fid", "kid", "is", "lpips", "hps"):
+        assert [s.step for s in events.Scalars(eval_support.METRIC_TAGS[name])] == [0, 1], name
+    assert [e.step for e in events.Images("Samples/grid row")] == [0, 1]
