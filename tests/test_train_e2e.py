@@ -54,7 +54,9 @@ def test_a_run_logs_saves_evaluates_and_resumes_exactly(tiny_model_dir, cache_ro
     run_a = tmp_path / "a"
     extra_a = ["--checkpoints_total_limit", "2", "--save_model_every_n_epochs", "1", "--save_single_file",
                "--save_samples", "--num_sample_images", "2", "--sample_steps", "2",
-               "--save_samples_every_n_epochs", "2", "--handoff_dir", str(tmp_path / "handoff")]  # fmt: skip
+               "--save_samples_every_n_epochs", "2", "--handoff_dir", str(tmp_path / "handoff"),
+               "--validation_image", "--validation_image_percent", "0.2", "--validation_image_every_n_epochs", "2",
+               "--save_validation_images"]  # fmt: skip
     assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, run_a, *common, *extra_a)) == 0
 
     steps = read_metrics(run_a)
@@ -79,6 +81,10 @@ def test_a_run_logs_saves_evaluates_and_resumes_exactly(tiny_model_dir, cache_ro
     assert (run_a / "final").resolve() == (run_a / "epoch-2").resolve()  # the same weights: a link, not a copy
     assert not (tmp_path / "handoff").exists()
     assert (run_a / "samples").is_dir()
+    # Validation images come from the held-out items, at epoch 0 (base model) and epoch 2.
+    folders = sorted((run_a / "validation_images").iterdir())
+    assert [int(f.name.split("_")[-1]) for f in folders] == [0, 2]
+    assert all(len(list(f.rglob("*.png"))) == 3 for f in folders)
     final_unet = load_file(str(run_a / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
     trained = {k.split(":", 1)[1]: v for k, v in _model_tensors(run_a / "checkpoints" / f"step-{planned}").items()}
     assert all(v.dtype == torch.float16 for v in final_unet.values())
