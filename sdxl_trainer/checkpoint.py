@@ -143,6 +143,12 @@ def set_rng_state(state: dict) -> None:
 # ------------------------------------------------------------------------------ save / load
 
 
+def _write_json_atomic(path: Path, value: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
@@ -159,7 +165,13 @@ def save_checkpoint(
     root = checkpoints_root(output_dir)
     final = root / f"{PREFIX}{step}"
     tmp = root / f".tmp-{PREFIX}{step}"
-    if (final / TRAIN_STATE).is_file():  # e.g. a signal right after resuming from this very step
+    if (final / TRAIN_STATE).is_file():
+        # This step is already saved (e.g. the end of an epoch, then evaluation and saving, then the end of the
+        # run): weights and optimizer are unchanged, only the counters moved on, so refresh the train state.
+        if info.is_main_process:
+            old = json.loads((final / TRAIN_STATE).read_text(encoding="utf-8"))
+            _write_json_atomic(final / TRAIN_STATE, {**old, **train_state})
+        barrier()
         return final
     if info.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -178,7 +190,7 @@ def save_checkpoint(
         state["lr_scheduler"] = lr_scheduler.state_dict()
         state["scaler"] = scaler.state_dict() if scaler is not None else None
         (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str), encoding="utf-8")
-        (tmp / TRAIN_STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+        _write_json_atomic(tmp / TRAIN_STATE, state)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         if total_limit:

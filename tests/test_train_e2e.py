@@ -74,6 +74,8 @@ def test_a_run_logs_saves_evaluates_and_resumes_exactly(tiny_model_dir, cache_ro
     # Keep-last-2 (every 3 steps plus the final one).
     kept = sorted(p.name for p in (run_a / "checkpoints").iterdir())
     assert len(kept) == 2 and f"step-{planned}" in kept
+    final_state = json.loads((run_a / "checkpoints" / f"step-{planned}" / "train_state.json").read_text())
+    assert final_state["progress"]["finished_epoch"] == 2 and final_state["progress"]["evaluated_epoch"] == 2
     # Saved models: an fp16 pipeline per epoch and the final one, plus single files; the handoff is gone.
     for name in ("epoch-1", "epoch-2", "final"):
         assert (run_a / name / "unet" / "diffusion_pytorch_model.safetensors").is_file()
