@@ -12,6 +12,7 @@ under the original's tags and to `<run>/validation_scores.jsonl`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -390,4 +391,4 @@ class Evaluator:
 
 def validation_seed(base_seed: int, item_key: str) -> int:
     """A fixed seed per validation item, from its stable key: the same on every rank, epoch and run."""
-    return (base_seed + int(item_key[:12], 16)) % (2**63)
+    return (base_seed + int(hashlib.sha256(item_key.encode()).hexdigest()[:12], 16)) % (2**63)

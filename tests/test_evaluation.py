@@ -301,3 +301,27 @@ def test_trainer_scores_its_own_unet_and_keeps_the_grid(tiny_model_dir, inceptio
     for name in ("fid", "kid", "is", "lpips", "hps"):
         assert [s.step for s in events.Scalars(eval_support.METRIC_TAGS[name])] == [0, 1], name
     assert [e.step for e in events.Images("Samples/grid row")] == [0, 1]
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_fp16_sampling_runs_and_everything_waits_on_the_cpu_between_runs(tiny_model_dir, handoffs, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    items = make_validation_items(tmp_path / "data", 3)
+    hps_path, _ = make_hps_checkpoint(tmp_path)
+    args = eval_args("--save_samples", "--num_sample_images", "2", "--validation_image", "--sample_steps", "4",
+                     "--sample_width_px", "128", "--sample_height_px", "128", "--metrics_hps_checkpoint",
+                     str(hps_path), "--metrics_hps_model", "tiny-hps-test", "--metrics_lpips_backbone",
+                     str(make_lpips_backbone(tmp_path / "alexnet.pth")))  # fmt: skip
+    log: list[str] = []
+    ev = evaluation.Evaluator(args, tmp_path / "run", str(tiny_model_dir), ["c"], items, tmp_path / "data", 0, 1,
+                              cuda, weight_dtype=torch.float16, log=log.append,
+                              inception_extractor=TinyFeatures())  # fmt: skip
+    before = torch.cuda.memory_allocated(cuda)
+    first = ev.run(0, handoffs["base"])
+    assert {"is", "fid", "kid", "lpips", "hps"} <= set(first) and all(math.isfinite(v) for v in first.values())
+    assert ev._pipe.unet.dtype == torch.float16 and ev._pipe.unet.device.type == "cpu"
+    assert next(ev._scorers.hps.model.parameters()).device.type == "cpu"
+    assert torch.cuda.memory_allocated(cuda) - before < 64 * 2**20  # nothing large left on the GPU
+    assert ev.run(0, handoffs["base"]) == pytest.approx(first, rel=1e-4)  # moved back and forth: same numbers

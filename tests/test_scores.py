@@ -145,9 +145,9 @@ def test_inception_score_matches_scipy_and_higher_means_confident_and_diverse():
 def test_inception_scorer_loads_the_real_file_layout_and_batches_mixed_sizes(inception_weights_file, tmp_path):
     scorer = scores.InceptionScorer(inception_weights_file, batch_size=2)
     g = torch.Generator().manual_seed(0)
-    images = [torch.randint(0, 256, (3, h, 64), dtype=torch.uint8, generator=g) for h in (64, 64, 48, 64)]
-    pool, logits = scorer.features(images)
-    assert pool.shape == (4, 2048) and logits.shape == (4, 1008)
+    images = [torch.randint(0, 256, (3, h, 64), dtype=torch.uint8, generator=g) for h in (64, 64, 48)]
+    pool, logits = scorer.features(images)  # one batch of two 64x64, then the 48x64 alone
+    assert pool.shape == (3, 2048) and logits.shape == (3, 1008)
     one_by_one = np.concatenate([scorer.features([im])[0] for im in images])
     np.testing.assert_allclose(pool, one_by_one, rtol=1e-4, atol=1e-12)
     bad = tmp_path / "not_inception.pth"
