@@ -203,6 +203,13 @@ def write_reference_cache(path: Path, key: str, pool: np.ndarray, ok: Sequence[b
             os.remove(tmp)
 
 
+_WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "module.")
+
+
+def _strip_wrappers(key: str) -> str:
+    return ".".join(part for part in key.split(".") if f"{part}." not in _WRAPPER_PREFIXES)
+
+
 @torch.no_grad()
 def load_unet_weights(unet: torch.nn.Module, path: Path) -> None:
     """Copy the handoff file's full state dict into `unet` tensor by tensor (cast to the UNet's dtype), so
@@ -213,7 +220,9 @@ def load_unet_weights(unet: torch.nn.Module, path: Path) -> None:
         raise EvaluationError(f"UNet handoff file {path} does not exist")
     targets = unet.state_dict()  # tensors share storage with the module: copy_ updates it in place
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        keys = set(f.keys())
+        # Wrappers (torch.compile, activation checkpointing, DDP) may prefix the trainer's key names.
+        source_key = {_strip_wrappers(k): k for k in f.keys()}
+        keys = set(source_key)
         missing, unexpected = sorted(set(targets) - keys), sorted(keys - set(targets))
         if missing or unexpected:
             raise EvaluationError(
@@ -221,7 +230,7 @@ def load_unet_weights(unet: torch.nn.Module, path: Path) -> None:
                 f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}"
             )
         for name, target in targets.items():
-            source = f.get_tensor(name)
+            source = f.get_tensor(source_key[name])
             if tuple(source.shape) != tuple(target.shape):
                 raise EvaluationError(
                     f"UNet handoff file {path}: {name} has shape {tuple(source.shape)}, "

@@ -108,14 +108,17 @@ class Evaluator:
                 if self.data_root is not None
                 else "no data folder was given to read reference images (IS and HPS still run)"
             )
-        self.plan: ScorerPlan = plan_scorers(
-            args.metrics if args.validation_image else [],
-            inception_weights=args.metrics_inception_weights,
-            lpips_backbone=args.metrics_lpips_backbone,
-            hps_checkpoint=args.metrics_hps_checkpoint,
-            reference_missing_reason=reference_reason,
-            have_custom_inception=inception_extractor is not None,
-        )
+        try:
+            self.plan: ScorerPlan = plan_scorers(
+                args.metrics if args.validation_image else [],
+                inception_weights=args.metrics_inception_weights,
+                lpips_backbone=args.metrics_lpips_backbone,
+                hps_checkpoint=args.metrics_hps_checkpoint,
+                reference_missing_reason=reference_reason,
+                have_custom_inception=inception_extractor is not None,
+            )
+        except scores.ScoreError as exc:  # a weights path the user gave does not exist
+            raise EvaluationArgsError(str(exc)) from exc
         self._inception_extractor = inception_extractor
         if self.validation_items:
             for line in self.plan.skipped.values():

@@ -384,8 +384,7 @@ class HpsScorer:
         batch_size: int = 8,
         flag: str = "--metrics_hps_checkpoint",
     ):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local file only; never reach for the hub
-        import open_clip
+        import open_clip  # a local checkpoint file and the BPE vocab in its wheel: no hub access
 
         path = _require_file(checkpoint_path, flag, HPS_URL)
         device = torch.device(device)

@@ -167,6 +167,15 @@ def test_handoff_that_does_not_match_the_unet_is_refused(tiny_model_dir, handoff
     ev = _evaluator(args, tmp_path / "run", tiny_model_dir, [], None, [])
     with pytest.raises(eval_support.EvaluationError, match="1 missing keys"):
         ev.run(0, tmp_path / "broken.safetensors")
+    # Wrapper prefixes (torch.compile's _orig_mod.) are not a mismatch.
+    full = load_file(handoffs["base"])
+    save_file({k.replace("conv_in.", "_orig_mod.conv_in."): v for k, v in full.items()}, tmp_path / "c.safetensors")
+    ev._pipe.unet.conv_in.weight.data.zero_()
+    ev.run(0, tmp_path / "c.safetensors")
+    assert torch.equal(ev._pipe.unet.conv_in.weight, full["conv_in.weight"])
+    with pytest.raises(evaluation.EvaluationArgsError, match="--metrics_lpips_backbone"):
+        _evaluator(eval_args("--validation_image", "--metrics_lpips_backbone", str(tmp_path / "no.pth")),
+                   tmp_path / "run", tiny_model_dir, [], None, [])  # fmt: skip
 
 
 def test_without_metric_weights_the_run_works_and_each_skip_is_one_line(
