@@ -77,6 +77,7 @@ class Trainer:
     evaluator: object | None
     handoff_dir: Path
     config: dict
+    shard_group: object  # the process group that shards each tensor (gradient norms are summed over it)
     throughput: Throughput = field(default_factory=Throughput)
     start_time: float = field(default_factory=time.monotonic)
 
@@ -167,7 +168,7 @@ def setup(args: argparse.Namespace) -> Trainer:
     )
     return Trainer(
         args, info, run_dir, unet, noise_scheduler, optimizer, lr_scheduler, scaler, td, sampler, progress, log,
-        evaluator, handoff, config,
+        evaluator, handoff, config, mesh.get_group("shard"),
     )  # fmt: skip
 
 
@@ -194,8 +195,7 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> dic
     if scaler is not None:
         scaler.unscale_(tr.optimizer.inner)  # before clipping: norm and clip in true units (B3)
     max_norm = tr.args.max_grad_norm if tr.args.max_grad_norm > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(tr.unet.parameters(), max_norm, foreach=True)  # before the step (B3)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    grad_norm = optim.clip_grad_norm_(tr.optimizer, max_norm, tr.shard_group)  # before the step (B3)
 
     # The step's one collective and host sync: every rank gets the same loss, norm and stop request.
     alloc, peak = memory_gib(dev)

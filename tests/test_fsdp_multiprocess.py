@@ -168,6 +168,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(setup_dirs, 
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-3, abs=1e-5)
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
     assert one[0]["loss"] == pytest.approx(two[0]["loss"], rel=1e-6)  # before any update: same model, same data
+    assert one[0]["grad_norm"] == pytest.approx(two[0]["grad_norm"], rel=1e-5)  # norm summed over both shards
 
 
 def test_two_machines_on_loopback_train_with_hybrid_sharding(setup_dirs):

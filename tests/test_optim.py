@@ -116,3 +116,20 @@ def test_eight_bit_state_saved_and_restored_exactly(one_rank_group, tmp_path):
 def test_unknown_optimizer_is_refused():
     with pytest.raises(ValueError, match="--optimizer"):
         optim.build_optimizer(_args("sgd"), [torch.nn.Parameter(torch.zeros(2))])
+
+
+@pytest.mark.parametrize("max_norm", [0.1, 1e6, float("inf")])
+def test_local_gradient_clipping_matches_torchs(one_rank_group, max_norm):
+    mesh = one_rank_group
+    plain, sharded = _model(2), _model(2)
+    fully_shard(sharded, mesh=mesh)
+    opt = optim.build_optimizer(_args("adamw"), list(sharded.parameters()))
+    x = torch.randn(8, 70)
+    for m in (plain, sharded):
+        m(x).pow(2).mean().backward()
+    expected = torch.nn.utils.clip_grad_norm_(plain.parameters(), max_norm)
+    opt.bind_grads()
+    got = optim.clip_grad_norm_(opt, max_norm, mesh.get_group())
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(plain.parameters(), sharded.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad.full_tensor())
