@@ -118,8 +118,10 @@ def build_scorers(
     batch_size: int = 16,
     hps_model: str = "ViT-H-14",
     inception_extractor: torch.nn.Module | None = None,
+    half_hps: bool | None = None,
 ) -> Scorers:
-    """Load the networks the plan needs (once per process: the caller keeps the result)."""
+    """Load the networks the plan needs (once per process: the caller keeps the result). Build on the CPU
+    with `half_hps` set for the GPU they will run on, to keep GPU memory free until they score."""
     out = Scorers()
     if {"fid", "kid", "is"} & plan.enabled:
         out.inception = scores.InceptionScorer(
@@ -128,7 +130,7 @@ def build_scorers(
     if "lpips" in plan.enabled:
         out.lpips = scores.LpipsScorer(plan.lpips_backbone, device, max(1, batch_size // 2))
     if "hps" in plan.enabled:
-        out.hps = scores.HpsScorer(plan.hps_checkpoint, device, hps_model, max(1, batch_size // 2))
+        out.hps = scores.HpsScorer(plan.hps_checkpoint, device, hps_model, max(1, batch_size // 2), half=half_hps)
     return out
 
 

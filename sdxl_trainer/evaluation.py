@@ -117,9 +117,19 @@ class Evaluator:
                 reference_missing_reason=reference_reason,
                 have_custom_inception=inception_extractor is not None,
             )
-        except scores.ScoreError as exc:  # a weights path the user gave does not exist
+            # Built now (on the CPU) so a wrong weights file stops the run at start; moved to the device
+            # only while scoring.
+            if self.validation_items and self.plan.enabled:
+                self._scorers = build_scorers(
+                    self.plan,
+                    device="cpu",
+                    batch_size=args.metrics_batch_size,
+                    hps_model=args.metrics_hps_model,
+                    inception_extractor=inception_extractor,
+                    half_hps=self.device.type == "cuda",
+                )
+        except scores.ScoreError as exc:  # a weights file the user gave is missing or of the wrong kind
             raise EvaluationArgsError(str(exc)) from exc
-        self._inception_extractor = inception_extractor
         if self.validation_items:
             for line in self.plan.skipped.values():
                 self._note(line)
@@ -156,17 +166,25 @@ class Evaluator:
             if self.wants_validation(epoch):
                 result = self._run_validation(epoch, pipe)
         finally:
-            if not self.args.keep_eval_models_on_device and self.device.type != "cpu":
-                # Give the GPU back to training: the pipeline and scorers wait on the CPU.
-                pipe.to("cpu")
-                if self._scorers is not None:
-                    self._scorers.to("cpu")
+            # Give the GPU back to training: the pipeline and scorers wait on the CPU.
+            self._offload(pipe)
+            if self._scorers is not None and self._offloading:
+                self._scorers.to("cpu")
                 torch.cuda.empty_cache()
         if self.rank == 0:
             self._log(f"evaluation at epoch {epoch} took {time.monotonic() - start:.1f} s")
         return result
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def _offloading(self) -> bool:
+        return not self.args.keep_eval_models_on_device and self.device.type != "cpu"
+
+    def _offload(self, pipe) -> None:
+        if self._offloading and pipe.device.type != "cpu":
+            pipe.to("cpu")
+            torch.cuda.empty_cache()
+
     def _note(self, line: str) -> None:
         """Print a line once per process on rank 0."""
         if self.rank == 0 and line not in self._notes_shown:
@@ -241,22 +259,12 @@ class Evaluator:
             self.tb_writer.add_image("Samples/grid row", np.asarray(image), epoch, dataformats="HWC")
 
     # ------------------------------------------------------------------ validation
-    def _scorers_once(self) -> Scorers:
-        if self._scorers is None:
-            a = self.args
-            self._scorers = build_scorers(
-                self.plan,
-                device=self.device,
-                batch_size=a.metrics_batch_size,
-                hps_model=a.metrics_hps_model,
-                inception_extractor=self._inception_extractor,
-            )
-        self._scorers.to(self.device)
-        return self._scorers
+    def _scorers_on_device(self) -> Scorers:
+        scorers = self._scorers or Scorers()  # empty when no score can run
+        return scorers.to(self.device)
 
     def _run_validation(self, epoch: int, pipe) -> dict[str, float]:
         start = time.monotonic()
-        scorers = self._scorers_once()
         items = self.validation_items
         mine = list(range(self.rank, len(items), self.world_size))
         # Batches need one size: generate grouped by bucket, remember each image's item index.
@@ -268,9 +276,11 @@ class Evaluator:
             made = self._generate(pipe, [items[i].caption for i in group], seeds, tuple(bucket))
             images.update(zip(group, made, strict=True))
         mine.sort()
+        self._offload(pipe)  # the scorers get the GPU memory the pipeline used (HPS's ViT-H is ~2 GB)
         if self.args.save_validation_images:
             self._save_validation_images(epoch, {i: images[i] for i in mine})
 
+        scorers = self._scorers_on_device()  # built once per process, on the device only while scoring
         need_reference_pool = self.plan.wants_reference_features and not self._reference_ready
         if need_reference_pool:
             key = reference_set_key(items, scorers.inception.identity)

@@ -79,6 +79,12 @@ def test_schedule_follows_the_original_rules(tiny_model_dir, tmp_path):
         _evaluator(eval_args("--sample_grid_max_rows", "1"), tmp_path, tiny_model_dir, [], None, [])
     with pytest.raises(evaluation.EvaluationArgsError, match="--sample_prompts"):
         _evaluator(eval_args("--save_samples", "--sample_prompts", "/no/file"), tmp_path, tiny_model_dir, [], None, [])
+    # A weights file of the wrong kind stops the run at start, not at the first evaluation.
+    torch.save({"w": torch.zeros(1)}, tmp_path / "wrong.pth")
+    items = make_validation_items(tmp_path / "d", 1)
+    with pytest.raises(evaluation.EvaluationArgsError, match="--metrics_inception_weights"):
+        _evaluator(eval_args("--validation_image", "--metrics_inception_weights", str(tmp_path / "wrong.pth")),
+                   tmp_path, tiny_model_dir, items, None, [])  # fmt: skip
 
 
 def test_all_scores_logged_grid_kept_and_reference_features_cached(

@@ -95,12 +95,12 @@ def test_generation_is_fixed_by_seed_and_independent_of_batching(tiny_model_dir)
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir)
     pipe.set_progress_bar_config(disable=True)
-    prompts, seeds = ["a house", "a tree", "a house"], [5, 6, 7]
+    prompts, seeds = ["a house", "a house"], [5, 7]
     one = sampling.generate_images(pipe, prompts, seeds, 64, 64, steps=2, guidance_scale=5.0, batch_size=1)
     again = sampling.generate_images(pipe, prompts[:1], seeds[:1], 64, 64, steps=2, guidance_scale=5.0)
-    batched = sampling.generate_images(pipe, prompts, seeds, 64, 64, steps=2, guidance_scale=5.0, batch_size=3)
+    batched = sampling.generate_images(pipe, prompts, seeds, 64, 64, steps=2, guidance_scale=5.0, batch_size=2)
     arrays = [np.asarray(im, dtype=np.int16) for im in one]
     np.testing.assert_array_equal(arrays[0], np.asarray(again[0], dtype=np.int16))
     for a, b in zip(arrays, batched, strict=True):
         assert np.abs(a - np.asarray(b, dtype=np.int16)).max() <= 1  # batched kernels may round differently
-    assert np.abs(arrays[0] - arrays[2]).mean() > 1.0  # same prompt, other seed: another image
+    assert np.abs(arrays[0] - arrays[1]).mean() > 1.0  # same prompt, other seed: another image
