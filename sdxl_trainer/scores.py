@@ -413,12 +413,14 @@ class HpsScorer:
     def scores(self, images: Sequence[Image.Image], captions: Sequence[str]) -> list[float]:
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
-        dtype = next(self.model.parameters()).dtype
+        # open_clip's fp16 keeps some parameters (norms, embeddings) in fp32: autocast, as hpsv2 scores.
+        half = any(p.dtype == torch.float16 for p in self.model.parameters())
         out: list[float] = []
         for start in range(0, len(images), self.batch_size):
             pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images[start : start + self.batch_size]])
             tokens = self.tokenizer(list(captions[start : start + self.batch_size]))
-            image_f = self.model.encode_image(pixels.to(self.device, dtype), normalize=True)
-            text_f = self.model.encode_text(tokens.to(self.device), normalize=True)
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=half):
+                image_f = self.model.encode_image(pixels.to(self.device), normalize=True)
+                text_f = self.model.encode_text(tokens.to(self.device), normalize=True)
             out += (image_f.float() * text_f.float()).sum(dim=-1).cpu().tolist()
         return out

@@ -197,6 +197,10 @@ def test_hps_scores_come_from_the_local_checkpoint(tmp_path):
             reference_model.encode_image(pixels, normalize=True) * reference_model.encode_text(tokens, normalize=True)
         ).sum(-1)
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-6)
+    # The GPU build (open_clip fp16: mixed fp16/fp32 parameters) scores under autocast to the same values.
+    half = scores.HpsScorer(path, model_name="tiny-hps-test", half=True)
+    assert {p.dtype for p in half.model.parameters()} == {torch.float16, torch.float32}
+    np.testing.assert_allclose(half.scores(images, captions), got, atol=5e-3)
     other_path, _ = make_hps_checkpoint(tmp_path, seed=1)
     assert not np.allclose(scores.HpsScorer(other_path, model_name="tiny-hps-test").scores(images, captions), got)
 
