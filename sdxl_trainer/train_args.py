@@ -264,9 +264,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 
 def _add_evaluation_args(parser: argparse.ArgumentParser) -> None:
     """Samples, validation images and scores: declared by the evaluation module, parsed here (one parser)."""
-    from sdxl_trainer import evaluation
+    from sdxl_trainer import evaluation_args
 
-    evaluation.add_evaluation_args(parser)
+    evaluation_args.add_evaluation_args(parser)
 
 
 WEIGHT_DTYPES = {
@@ -307,10 +307,10 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ArgsError("--optimizer adafactor with --mixed_precision fp16: use bf16 (Adafactor has no loss scaling)")
     if args.validation_loss and args.validation_loss_percent <= 0:
         raise ArgsError("--validation_loss needs --validation_loss_percent > 0")
-    from sdxl_trainer import evaluation
+    from sdxl_trainer import evaluation_args
 
     try:
-        evaluation.check_evaluation_args(args)
+        evaluation_args.check_evaluation_args(args)
     except ValueError as exc:  # EvaluationArgsError / SamplePromptsError, both naming their flag
         raise ArgsError(str(exc)) from exc
     args.ignored_flags = [f"--{n}" for n in ("upscale_use_GFPGAN", "save_upscale_samples") if getattr(args, n)]

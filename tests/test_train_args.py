@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from sdxl_trainer import evaluation, train_args
+from sdxl_trainer import evaluation_args, train_args
 
 # Adding or removing a trainer flag means editing this list on purpose (docs/training.md too).
 TRAINER_FLAGS = [
@@ -43,7 +43,7 @@ ORIGINAL_FLAGS = [
 
 def _evaluation_flags() -> set[str]:
     parser = argparse.ArgumentParser()
-    evaluation.add_evaluation_args(parser)
+    evaluation_args.add_evaluation_args(parser)
     return {s for a in parser._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
 
 
