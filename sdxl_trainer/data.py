@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import signal
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -367,6 +368,13 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return batch
 
 
+def _ignore_signals_in_worker(_worker_id: int) -> None:
+    # Workers share their rank's process group: a SIGTERM sent to the whole job must not kill them before the
+    # rank has written its checkpoint; the loader shuts them down afterwards.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(
     dataset: CachedLatentDataset, batches: Sequence[Sequence[tuple[int, int, float]]], num_workers: int, pin: bool
 ) -> torch.utils.data.DataLoader:
@@ -378,4 +386,5 @@ def make_loader(
         collate_fn=collate,
         pin_memory=pin,
         prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=_ignore_signals_in_worker if num_workers > 0 else None,
     )

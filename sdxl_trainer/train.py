@@ -90,13 +90,6 @@ def _request_stop(signum, _frame) -> None:
     signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process the usual way
 
 
-def _ignore_signals_in_worker(_worker_id: int) -> None:
-    # DataLoader workers share their rank's process group: a SIGTERM sent to the whole job must not kill them
-    # before the rank has written its checkpoint; the loader shuts them down afterwards.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _make_run_dir(args: argparse.Namespace, info: DistInfo) -> Path:
     out = Path(args.output_dir) if args.output_dir else Path("output") / run_name(args, info.world_size)
     if info.is_main_process:
@@ -320,7 +313,6 @@ def _run_epoch(tr: Trainer) -> bool:
     )  # fmt: skip
     mine = [[(i, e, 1.0) for i, e in data.rank_slice(gb, info.rank, a.train_batch_size)] for gb in plan.batches]
     loader = data.make_loader(tr.data.dataset, mine[s.position :], a.dataloader_num_workers, info.device.type == "cuda")
-    loader.worker_init_fn = _ignore_signals_in_worker
     next_epoch = data.SamplerState(s.epoch + 1, 0, plan.leftovers, plan.deferred)
     if not plan.batches:  # an epoch too small for one optimizer step: everything moves on to the next
         tr.sampler = next_epoch

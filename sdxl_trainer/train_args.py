@@ -2,7 +2,7 @@
 
 Flag names and meanings follow the original trainer (seed_reference.md §1.1) plus the flags users of the
 accelerate/diffusers example scripts expect. One parser holds everything: the evaluation flags (samples,
-validation images and scores) are added by `sdxl_trainer.evaluation.add_evaluation_args`.
+validation images and scores) are added by `sdxl_trainer.evaluation_args.add_evaluation_args`.
 """
 
 from __future__ import annotations
