@@ -134,7 +134,7 @@ def build_sharded_unet(
 
     from sdxl_trainer import models
 
-    config = UNet2DConditionModel.load_config(pretrained, subfolder="unet", local_files_only=models._local_only())
+    config = models.load_unet_config(pretrained)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
     unet.train()

@@ -67,7 +67,7 @@ def _unet_from_state_dict(pretrained: str, full_state_dict: dict[str, torch.Tens
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    config = UNet2DConditionModel.load_config(pretrained, subfolder="unet", local_files_only=models._local_only())
+    config = models.load_unet_config(pretrained)
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(config)
     unet.load_state_dict({k: v.to(dtype) for k, v in full_state_dict.items()}, strict=True, assign=True)
@@ -76,13 +76,9 @@ def _unet_from_state_dict(pretrained: str, full_state_dict: dict[str, torch.Tens
 
 def save_pipeline(pretrained: str, full_state_dict: dict[str, torch.Tensor], out_dir: Path, dtype_name: str) -> Path:
     """Rank 0: base pipeline + trained UNet, saved as a diffusers folder (written to a temp folder, renamed)."""
-    from diffusers import StableDiffusionXLPipeline
-
     dtype = DTYPES[dtype_name]
     unet = _unet_from_state_dict(pretrained, full_state_dict, dtype)
-    pipe = StableDiffusionXLPipeline.from_pretrained(
-        pretrained, unet=unet, torch_dtype=dtype, local_files_only=models._local_only()
-    )
+    pipe = models.load_pipeline(pretrained, torch_dtype=dtype, unet=unet)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

@@ -100,6 +100,7 @@ def _make_run_dir(args: argparse.Namespace, info: DistInfo) -> Path:
 
 def setup(args: argparse.Namespace) -> Trainer:
     """Everything the loop needs, in execution order."""
+    models.set_single_file_config(args.single_file_config)
     info = init_distributed()
     torch.manual_seed(data.mix_seed(args.set_seed, "rank", info.rank))  # distinct global streams per rank (B31)
     if info.device.type == "cuda":

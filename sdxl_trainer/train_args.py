@@ -12,6 +12,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from sdxl_trainer import models
+
 LR_SCHEDULERS = (
     "linear",
     "cosine",
@@ -128,8 +130,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--gradient_checkpointing",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="recompute activations in the backward pass (less memory, about 25%% more compute)",
+        help="recompute activations in the backward pass (less memory, about 25%% more compute); "
+        "--no_gradient_checkpointing (or --no-gradient_checkpointing) turns it off",
     )
+    g.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false",
+                   help=argparse.SUPPRESS)  # fmt: skip
+    models.add_model_args(g)
 
 
 def _add_optim_args(parser: argparse.ArgumentParser) -> None:
@@ -286,6 +292,10 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     """Reject bad values and combinations (message names the flag) and fill the resolved defaults."""
     if not args.cached_dataset_dirs and not args.cached_dataset_lists:
         raise ArgsError("--cached_dataset_dirs: give at least one cache folder (written by sdxl_process_data_dir.py)")
+    try:
+        models.check_model_args(args.pretrained_model_name_or_path, args.single_file_config)
+    except models.ModelLoadError as exc:
+        raise ArgsError(str(exc)) from exc
     if args.percent_lr_warm_up_steps is not None and args.lr_warmup_steps is not None:
         raise ArgsError("--percent_lr_warm_up_steps and --lr_warmup_steps: give warm-up as a fraction or a count")
     if args.percent_lr_warm_up_steps is None and args.lr_warmup_steps is None:

@@ -16,11 +16,12 @@ TRAINER_FLAGS = [
     "--handoff_dir", "--learning_rate", "--learning_rate_scheduler", "--load_saved_state", "--log_dir",
     "--lr_num_cycles", "--lr_scheduler", "--lr_step_rules", "--lr_warmup_steps", "--max_grad_norm",
     "--max_nonfinite_steps", "--max_resolution", "--max_train_steps", "--min_resolution", "--mixed_precision",
-    "--no-gradient_checkpointing", "--no-save_final_model", "--num_train_epochs", "--optimizer", "--output_dir",
+    "--no-gradient_checkpointing", "--no_gradient_checkpointing", "--no-save_final_model", "--num_train_epochs",
+    "--optimizer", "--output_dir",
     "--percent_lr_warm_up_steps", "--polynomial_lr_end", "--polynomial_power", "--polynominal_power",
     "--pretrained_model_name_or_path", "--project_name", "--resume_from_checkpoint", "--save_final_model",
     "--save_model_every_n_epochs", "--save_single_file", "--save_state", "--save_upscale_samples", "--set_seed",
-    "--sharding", "--start_save_model_epoch", "--train_batch_size", "--upscale_to_resolution",
+    "--sharding", "--single_file_config", "--start_save_model_epoch", "--train_batch_size", "--upscale_to_resolution",
     "--upscale_use_GFPGAN", "--validation_loss", "--validation_loss_every_n_epochs", "--validation_loss_percent",
     "--verify_cached_dataset_hash_values", "--weight_dtype",
 ]  # fmt: skip
@@ -130,3 +131,17 @@ def test_the_train_sh_recipe_parses(repo_root, tmp_path):
     argv[argv.index("--cached_dataset_dirs") + 1] = str(tmp_path)
     args = train_args.parse_args(argv)
     assert args.resume_from_checkpoint == "auto" and args.validation_loss and args.save_samples
+
+
+def test_gradient_checkpointing_has_both_spellings_of_off(tmp_path):
+    assert _parse(tmp_path).gradient_checkpointing is True
+    assert _parse(tmp_path, "--no_gradient_checkpointing").gradient_checkpointing is False
+    assert _parse(tmp_path, "--no-gradient_checkpointing").gradient_checkpointing is False
+
+
+def test_single_file_base_needs_its_config_folder(tmp_path, capsys):
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"not read at parse time")
+    with pytest.raises(SystemExit):
+        _parse(tmp_path, "--pretrained_model_name_or_path", str(checkpoint))
+    assert "--single_file_config" in capsys.readouterr().err
