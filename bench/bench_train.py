@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,12 +44,6 @@ CONFIGS = {
     "adamw_B8": dict(batch=8, flags=["--optimizer", "adamw"]),
     "adamw_nockpt_B8": dict(batch=8, flags=["--optimizer", "adamw", "--no_gradient_checkpointing"]),
     "adamw_nockpt_B12": dict(batch=12, flags=["--optimizer", "adamw", "--no_gradient_checkpointing"]),
-    "adamw_nockpt_compile_B8": dict(
-        batch=8, flags=["--optimizer", "adamw", "--no_gradient_checkpointing", "--compile", "regional"]
-    ),
-    "adamw_nockpt_compile_B12": dict(
-        batch=12, flags=["--optimizer", "adamw", "--no_gradient_checkpointing", "--compile", "regional"]
-    ),
     "adamw8bit_ckpt_B32": dict(batch=32, flags=["--optimizer", "adamw8bit", "--gradient_checkpointing"]),
 }
 
@@ -69,30 +65,41 @@ def write_model(folder: Path) -> None:
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
 
 
-def write_cache(folder: Path, items_per_bucket: int) -> None:
-    """Random full-size items: latents (4, H/8, W/8), 77x2048 context, 1280 pooled, in fp16 like the real cache."""
+def write_cache(
+    folder: Path,
+    items_per_bucket: int,
+    buckets_wh: list[tuple[int, int]] = BUCKETS_WH,
+    context_dim: int = 2048,
+    pooled_dim: int = 1280,
+) -> None:
+    """Random items: latents (4, H/8, W/8), 77 x context_dim, pooled_dim, in fp16 like the real cache (SDXL:
+    2048 and 1280)."""
     from sdxl_trainer.cache import CacheWriter
 
     if (folder / "cache.json").exists():
         return
     g = torch.Generator().manual_seed(0)
     writer = CacheWriter(folder, fingerprint={"image": {"bench": "random"}, "text": {"bench": "random"}})
-    writer.write_empty_embeddings(torch.zeros(77, 2048, dtype=torch.float16), torch.zeros(1280, dtype=torch.float16))
-    for w, h in BUCKETS_WH:
+    writer.write_empty_embeddings(
+        torch.zeros(77, context_dim, dtype=torch.float16), torch.zeros(pooled_dim, dtype=torch.float16)
+    )
+    for w, h in buckets_wh:
         for i in range(items_per_bucket):
             latent_shape = (4, h // 8, w // 8)
             tensors = {
                 "latent_mean": torch.randn(latent_shape, generator=g).half(),
                 "latent_std": (0.05 * torch.rand(latent_shape, generator=g)).half(),
-                "prompt_embeds": torch.randn(77, 2048, generator=g).half(),
-                "pooled_prompt_embeds": torch.randn(1280, generator=g).half(),
+                "prompt_embeds": torch.randn(77, context_dim, generator=g).half(),
+                "pooled_prompt_embeds": torch.randn(pooled_dim, generator=g).half(),
             }
             writer.write_item(f"{w}x{h}/{i:05d}.png", f"caption {i}", bucket_wh=(w, h), original_size_hw=(h, w),
                               crop_top_left=(0, 0), tensors=tensors)  # fmt: skip
     writer.finalize()
 
 
-def run_trainer(work: Path, name: str, warmup_steps: int, timed_steps: int, memory_cap_gib: float | None) -> dict:
+def run_trainer(
+    work: Path, name: str, warmup_steps: int, timed_steps: int, memory_cap_gib: float | None, smoke: bool = False
+) -> dict:
     """Child process: run the trainer and time its steady-state optimizer steps."""
     from sdxl_trainer import train
     from sdxl_trainer.train_args import parse_args
@@ -104,9 +111,23 @@ def run_trainer(work: Path, name: str, warmup_steps: int, timed_steps: int, memo
     step_end_times: list[float] = []
     original_step = train.train_step
 
+    profile_out = os.environ.get("BENCH_PROFILE")  # a file: profile three steady-state steps into it
+    profiler = None
+
     def timed_step(tr, micro_batches):
+        nonlocal profiler
+        if profile_out and len(step_end_times) == warmup_steps:
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                          torch.profiler.ProfilerActivity.CUDA])  # fmt: skip
+            profiler.__enter__()
         result = original_step(tr, micro_batches)
         step_end_times.append(time.perf_counter())  # the step ends in a host sync, so this is wall-clock truth
+        if profiler is not None and len(step_end_times) == warmup_steps + 3:
+            profiler.__exit__(None, None, None)
+            table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+            table += "\n" + profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+            Path(profile_out).write_text(table)
+            profiler = None
         return result
 
     train.train_step = timed_step
@@ -115,11 +136,14 @@ def run_trainer(work: Path, name: str, warmup_steps: int, timed_steps: int, memo
         "--pretrained_model_name_or_path", str(work / "model"), "--cached_dataset_dirs", str(work / "cache"),
         "--output_dir", str(out), "--log_dir", str(work / "logs"), "--train_batch_size", str(cfg["batch"]),
         "--max_train_steps", str(warmup_steps + timed_steps), "--gradient_accumulation_steps", "1",
-        "--mixed_precision", "bf16", "--dataloader_num_workers", "4", "--no-save_final_model",
+        "--mixed_precision", "no" if smoke else "bf16", "--dataloader_num_workers", "0" if smoke else "4",
+        "--no-save_final_model",
         "--checkpointing_steps", "0", "--learning_rate", "1e-6",
         *cfg["flags"],
     ]  # fmt: skip
-    torch.cuda.reset_peak_memory_stats()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     result = dict(name=name, batch=cfg["batch"], flags=" ".join(cfg["flags"]))
     try:
         summary = train.main(parse_args(argv))
@@ -127,13 +151,15 @@ def run_trainer(work: Path, name: str, warmup_steps: int, timed_steps: int, memo
         images_per_s = cfg["batch"] * (len(step_end_times) - warmup_steps) / span
         result.update(
             images_per_s=round(images_per_s, 2),
-            peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
+            peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
             share_of_ceiling=round(images_per_s / CEILING, 3),
             steps=summary["optimizer_steps"],
             skipped_steps=summary["skipped_steps"],
         )
     except Exception as exc:  # noqa: BLE001 - an out-of-memory configuration is a result
         result["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # the final checkpoint of a 2.6 B UNet: ~15 GB per configuration
     if memory_cap_gib:
         result["memory_cap_gib"] = memory_cap_gib
     return result
@@ -159,21 +185,31 @@ def main() -> None:
     parser.add_argument("--memory_search", action="store_true", help="only the 24 GiB largest-batch search")
     parser.add_argument("--memory_cap_gib", type=float, default=24.0)
     parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "sdxl_bench_train"))
+    parser.add_argument("--smoke", action="store_true", help="tiny model and cache on CPU: checks the script runs")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--cap", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = Path(args.work_dir)
     if args.child:
-        r = run_trainer(work, args.child, args.warmup_steps, args.timed_steps, args.cap or None)
+        r = run_trainer(work, args.child, args.warmup_steps, args.timed_steps, args.cap or None, args.smoke)
         print(json.dumps(r), flush=True)
         return
 
     torch.backends.cuda.matmul.allow_tf32 = True
     steps = args.warmup_steps + args.timed_steps
+    common = ["--warmup_steps", str(args.warmup_steps), "--timed_steps", str(args.timed_steps), "--work_dir", str(work)]
+    if args.smoke:
+        from sdxl_trainer.tiny_model import TE2_PROJECTION, save_tiny_sdxl_pipeline
+
+        if not (work / "model").exists():
+            save_tiny_sdxl_pipeline(work / "model")
+        write_cache(work / "cache" / "tiny", 16, [(64, 64), (64, 96)], context_dim=80, pooled_dim=TE2_PROJECTION)
+        for name in [n for n in CONFIGS if not args.only or n in args.only.split(",")]:
+            print(json.dumps(run_child(["--child", name, "--smoke", *common])), flush=True)
+        return
     write_model(work / "model")
     write_cache(work / "cache" / "random1024", items_per_bucket=max(8 * 32 // len(BUCKETS_WH), 16))
     print(json.dumps(dict(torch=torch.__version__, gpu=torch.cuda.get_device_name(), steps=steps)), flush=True)
-    common = ["--warmup_steps", str(args.warmup_steps), "--timed_steps", str(args.timed_steps), "--work_dir", str(work)]
 
     baseline = run_child_levers("original_recipe_fp32w_fp16amp_ckpt_bnb8bit")
     print(json.dumps(baseline), flush=True)

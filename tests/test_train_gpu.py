@@ -90,7 +90,8 @@ def test_full_size_sdxl_unet_trains_at_1024_and_reports_memory(tiny_model_dir, t
     ]  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
            str(REPO / "sdxl_fsdp_train.py"), *argv]  # fmt: skip
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep what is there
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=pythonpath)
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3000)
     assert result.returncode == 0, (result.stdout + result.stderr)[-8000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
