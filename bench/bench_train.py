@@ -98,16 +98,24 @@ def write_cache(
 
 
 def run_trainer(
-    work: Path, name: str, warmup_steps: int, timed_steps: int, memory_cap_gib: float | None, smoke: bool = False
+    work: Path,
+    name: str,
+    warmup_steps: int,
+    timed_steps: int,
+    memory_cap_gib: float | None,
+    smoke: bool = False,
+    extra_flags: tuple[str, ...] = (),
 ) -> dict:
     """Child process: run the trainer and time its steady-state optimizer steps."""
     from sdxl_trainer import train
     from sdxl_trainer.train_args import parse_args
 
     cfg = CONFIGS.get(name) or dict(batch=int(name.rsplit("_B", 1)[1]), flags=MEMORY_FLAGS)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: every rank runs this, rank 0 reports
     if memory_cap_gib:
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(memory_cap_gib * 2**30 / total)
+        device = int(os.environ.get("LOCAL_RANK", "0"))
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(memory_cap_gib * 2**30 / total, device)
     step_end_times: list[float] = []
     original_step = train.train_step
 
@@ -139,16 +147,16 @@ def run_trainer(
         "--mixed_precision", "no" if smoke else "bf16", "--dataloader_num_workers", "0" if smoke else "4",
         "--no-save_final_model",
         "--checkpointing_steps", "0", "--learning_rate", "1e-6",
-        *cfg["flags"],
+        *cfg["flags"], *extra_flags,
     ]  # fmt: skip
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    result = dict(name=name, batch=cfg["batch"], flags=" ".join(cfg["flags"]))
+    result = dict(name=name, batch=cfg["batch"], gpus=world, flags=" ".join([*cfg["flags"], *extra_flags]))
     try:
         summary = train.main(parse_args(argv))
         span = step_end_times[-1] - step_end_times[warmup_steps - 1]
-        images_per_s = cfg["batch"] * (len(step_end_times) - warmup_steps) / span
+        images_per_s = cfg["batch"] * world * (len(step_end_times) - warmup_steps) / span
         result.update(
             images_per_s=round(images_per_s, 2),
             peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
@@ -159,7 +167,8 @@ def run_trainer(
     except Exception as exc:  # noqa: BLE001 - an out-of-memory configuration is a result
         result["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     finally:
-        shutil.rmtree(out, ignore_errors=True)  # the final checkpoint of a 2.6 B UNet: ~15 GB per configuration
+        if int(os.environ.get("RANK", "0")) == 0:
+            shutil.rmtree(out, ignore_errors=True)  # the final checkpoint of a 2.6 B UNet: ~15 GB per configuration
     if memory_cap_gib:
         result["memory_cap_gib"] = memory_cap_gib
     return result
@@ -169,8 +178,10 @@ def run_trainer(
 MEMORY_FLAGS = ["--optimizer", "adamw8bit", "--gradient_checkpointing"]
 
 
-def run_child(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+def run_child(args: list[str], nproc: int = 1) -> dict:
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                     f"--nproc_per_node={nproc}"]  # fmt: skip
+    proc = subprocess.run([*launcher, __file__, *args], capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:
         return dict(args=" ".join(args), error=f"exit {proc.returncode}: {proc.stderr[-600:]}")
@@ -186,18 +197,23 @@ def main() -> None:
     parser.add_argument("--memory_cap_gib", type=float, default=24.0)
     parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "sdxl_bench_train"))
     parser.add_argument("--smoke", action="store_true", help="tiny model and cache on CPU: checks the script runs")
+    parser.add_argument("--nproc", type=int, default=1, help="GPUs (processes under torchrun) per configuration")
+    parser.add_argument("--sharding", default="full_shard", help="the trainer's --sharding for every configuration")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--cap", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = Path(args.work_dir)
     if args.child:
-        r = run_trainer(work, args.child, args.warmup_steps, args.timed_steps, args.cap or None, args.smoke)
-        print(json.dumps(r), flush=True)
+        extra = ("--sharding", args.sharding)
+        r = run_trainer(work, args.child, args.warmup_steps, args.timed_steps, args.cap or None, args.smoke, extra)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(r), flush=True)
         return
 
     torch.backends.cuda.matmul.allow_tf32 = True
     steps = args.warmup_steps + args.timed_steps
-    common = ["--warmup_steps", str(args.warmup_steps), "--timed_steps", str(args.timed_steps), "--work_dir", str(work)]
+    common = ["--warmup_steps", str(args.warmup_steps), "--timed_steps", str(args.timed_steps), "--work_dir", str(work),
+              "--sharding", args.sharding]  # fmt: skip
     if args.smoke:
         from sdxl_trainer.tiny_model import TE2_PROJECTION, save_tiny_sdxl_pipeline
 
@@ -205,7 +221,7 @@ def main() -> None:
             save_tiny_sdxl_pipeline(work / "model")
         write_cache(work / "cache" / "tiny", 16, [(64, 64), (64, 96)], context_dim=80, pooled_dim=TE2_PROJECTION)
         for name in [n for n in CONFIGS if not args.only or n in args.only.split(",")]:
-            print(json.dumps(run_child(["--child", name, "--smoke", *common])), flush=True)
+            print(json.dumps(run_child(["--child", name, "--smoke", *common], args.nproc)), flush=True)
         return
     write_model(work / "model")
     write_cache(work / "cache" / "random1024", items_per_bucket=max(8 * 32 // len(BUCKETS_WH), 16))
@@ -219,14 +235,14 @@ def main() -> None:
         for name in CONFIGS:
             if wanted and name not in wanted:
                 continue
-            r = run_child(["--child", name, *common])
+            r = run_child(["--child", name, *common], args.nproc)
             if base_rate and "images_per_s" in r:
                 r["ratio_to_original_recipe"] = round(r["images_per_s"] / base_rate, 2)
             print(json.dumps(r), flush=True)
     if args.memory_search or not args.only:
         largest = 0
-        for batch in (1, 2, 4, 6, 8):
-            r = run_child(["--child", f"memory_B{batch}", "--cap", str(args.memory_cap_gib), *common])
+        for batch in (1, 2, 4, 6, 8, 10, 12, 16):
+            r = run_child(["--child", f"memory_B{batch}", "--cap", str(args.memory_cap_gib), *common], args.nproc)
             print(json.dumps(r), flush=True)
             if "error" in r:
                 break
