@@ -13,51 +13,13 @@ from safetensors.torch import save_file
 
 from sdxl_trainer import __version__, models
 from sdxl_trainer import convert as cv
+from sdxl_trainer import sdxl_shapes as shapes
 
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
-# SDXL base's shapes, written out here so the check runs without any download (UNet as in
-# /work/shared/tools/sdxl_limit_bench.py; VAE, CLIP ViT-L/14 and OpenCLIP bigG text towers as released).
-SDXL_UNET = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    norm_num_groups=32,
-)
-SDXL_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=4,
-    layers_per_block=2,
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    sample_size=1024,
-    scaling_factor=0.13025,
-)
-CLIP_COMMON = dict(vocab_size=49408, max_position_embeddings=77, layer_norm_eps=1e-5)
-SDXL_TEXT_ENCODER = dict(
-    hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, hidden_act="quick_gelu"
-)
-SDXL_TEXT_ENCODER_2 = dict(
-    hidden_size=1280,
-    num_hidden_layers=32,
-    num_attention_heads=20,
-    intermediate_size=5120,
-    hidden_act="gelu",
-    projection_dim=1280,
-)
+# SDXL base's shapes, written out in the package so the check runs without any download.
+SDXL_UNET, SDXL_VAE = shapes.UNET, shapes.VAE
+CLIP_COMMON, SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2 = shapes.CLIP_COMMON, shapes.TEXT_ENCODER, shapes.TEXT_ENCODER_2
 
 
 @pytest.fixture(scope="module")

@@ -17,27 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from sdxl_trainer import sdxl_shapes
+
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 
-SDXL_UNET_CONFIG = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    norm_num_groups=32,
-)
-SDXL_UNET_PARAMETERS = 2_567_463_684  # performance.md
+SDXL_UNET_CONFIG = sdxl_shapes.UNET
+SDXL_UNET_PARAMETERS = sdxl_shapes.UNET_PARAMETERS  # performance.md
 
 
 def _full_size_model(tiny_model_dir: Path, out: Path) -> Path:
