@@ -209,7 +209,7 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> dic
             scaler.step(tr.optimizer.inner)  # also skips by itself on inf/nan gradients (found_inf agreed by ranks)
         scaler.update()
     elif finite:
-        tr.optimizer.step()
+        tr.optimizer.step(bind=False)  # bound above, before unscaling and clipping
     tr.optimizer.zero_grad()
     with warnings.catch_warnings():  # a skipped step still advances the schedule, which torch warns about
         warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
