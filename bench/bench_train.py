@@ -110,7 +110,8 @@ def run_trainer(
     from sdxl_trainer import train
     from sdxl_trainer.train_args import parse_args
 
-    cfg = CONFIGS.get(name) or dict(batch=int(name.rsplit("_B", 1)[1]), flags=MEMORY_FLAGS)
+    flags = OFFLOAD_FLAGS if name.startswith("offload") else MEMORY_FLAGS
+    cfg = CONFIGS.get(name) or dict(batch=int(name.rsplit("_B", 1)[1]), flags=flags)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: every rank runs this, rank 0 reports
     if memory_cap_gib:
         device = int(os.environ.get("LOCAL_RANK", "0"))
@@ -176,6 +177,7 @@ def run_trainer(
 
 # The settings documented for 24 GB cards (see README, "Memory").
 MEMORY_FLAGS = ["--optimizer", "adamw8bit", "--gradient_checkpointing"]
+OFFLOAD_FLAGS = ["--optimizer", "adamw", "--gradient_checkpointing", "--cpu_offload"]
 
 
 def run_child(args: list[str], nproc: int = 1) -> dict:
@@ -195,6 +197,7 @@ def main() -> None:
     parser.add_argument("--timed_steps", type=int, default=10)
     parser.add_argument("--memory_search", action="store_true", help="only the 24 GiB largest-batch search")
     parser.add_argument("--memory_cap_gib", type=float, default=24.0)
+    parser.add_argument("--offload", action="store_true", help="the memory search with --cpu_offload")
     parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "sdxl_bench_train"))
     parser.add_argument("--smoke", action="store_true", help="tiny model and cache on CPU: checks the script runs")
     parser.add_argument("--nproc", type=int, default=1, help="GPUs (processes under torchrun) per configuration")
@@ -242,13 +245,15 @@ def main() -> None:
     if args.memory_search or not args.only:
         largest = 0
         for batch in (1, 2, 4, 6, 8, 10, 12, 16):
-            r = run_child(["--child", f"memory_B{batch}", "--cap", str(args.memory_cap_gib), *common], args.nproc)
+            name = f"{'offload' if args.offload else 'memory'}_B{batch}"
+            r = run_child(["--child", name, "--cap", str(args.memory_cap_gib), *common], args.nproc)
             print(json.dumps(r), flush=True)
             if "error" in r:
                 break
             largest = batch
-        print(json.dumps(dict(name="memory_search", memory_cap_gib=args.memory_cap_gib, largest_batch=largest,
-                              flags=" ".join(MEMORY_FLAGS))), flush=True)  # fmt: skip
+        flags = OFFLOAD_FLAGS if args.offload else MEMORY_FLAGS
+        summary = dict(name="memory_search", memory_cap_gib=args.memory_cap_gib, largest_batch=largest, flags=flags)
+        print(json.dumps(summary), flush=True)
 
 
 def run_child_levers(name: str) -> dict:

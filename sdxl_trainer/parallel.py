@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from sdxl_trainer.distributed import DistInfo
@@ -67,19 +67,32 @@ def apply_activation_checkpointing(unet: torch.nn.Module) -> None:
 
 
 def apply_fsdp(
-    unet: torch.nn.Module, mesh: DeviceMesh, strategy: str, mp_policy: MixedPrecisionPolicy
+    unet: torch.nn.Module,
+    mesh: DeviceMesh,
+    strategy: str,
+    mp_policy: MixedPrecisionPolicy,
+    cpu_offload: bool = False,
 ) -> torch.nn.Module:
     """Shard the UNet in place (blocks first, then the root, as FSDP2 requires) and return it.
 
-    Parameters must be fp32 here: they become the sharded fp32 master weights.
+    Parameters must be fp32 here: they become the sharded fp32 master weights. With `cpu_offload` the shards,
+    their gradients (and so the optimizer, which steps the local shards) live in pinned CPU memory; each block
+    is copied to the GPU for its forward and backward only.
     """
+    offload = CPUOffloadPolicy(pin_memory=True) if cpu_offload else OffloadPolicy()
     reshard = strategy != "shard_grad_op"
     blocks = unet_blocks(unet)
     for i, block in enumerate(blocks):
         # The last block's parameters are needed first in backward: keeping them gathered saves one
         # all-gather per step (as torchtitan does for its last transformer block).
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard and i < len(blocks) - 1, mp_policy=mp_policy)
-    fully_shard(unet, mesh=mesh, reshard_after_forward=False, mp_policy=mp_policy)
+        fully_shard(
+            block,
+            mesh=mesh,
+            reshard_after_forward=reshard and i < len(blocks) - 1,
+            mp_policy=mp_policy,
+            offload_policy=offload,
+        )
+    fully_shard(unet, mesh=mesh, reshard_after_forward=False, mp_policy=mp_policy, offload_policy=offload)
     return unet
 
 
@@ -123,6 +136,7 @@ def build_sharded_unet(
     mixed_precision: str,
     gradient_checkpointing: bool,
     load_base_weights: bool = True,
+    cpu_offload: bool = False,
 ) -> torch.nn.Module:
     """The UNet built on the meta device, sharded, then filled with the base weights streamed from rank 0.
 
@@ -140,8 +154,8 @@ def build_sharded_unet(
     unet.train()
     if gradient_checkpointing:
         apply_activation_checkpointing(unet)
-    apply_fsdp(unet, mesh, strategy, build_mp_policy(mixed_precision))
-    unet.to_empty(device=info.device)
+    apply_fsdp(unet, mesh, strategy, build_mp_policy(mixed_precision), cpu_offload)
+    unet.to_empty(device="cpu" if cpu_offload else info.device)
     if load_base_weights:
         full = models.load_unet(pretrained, torch_dtype=torch.float32).state_dict() if info.is_main_process else {}
         set_model_state_dict(unet, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

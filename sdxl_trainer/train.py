@@ -119,7 +119,7 @@ def setup(args: argparse.Namespace) -> Trainer:
     mesh = parallel.build_mesh(args.sharding, info)
     unet = parallel.build_sharded_unet(
         args.pretrained_model_name_or_path, info, mesh, args.sharding, args.mixed_precision,
-        args.gradient_checkpointing, load_base_weights=resume_path is None,
+        args.gradient_checkpointing, load_base_weights=resume_path is None, cpu_offload=args.cpu_offload,
     )  # fmt: skip
     shards = parallel.verify_sharding(unet, mesh, args.sharding)  # refuses to train if sharding is not in effect
     optimizer = optim.build_optimizer(args, list(unet.parameters()))
@@ -194,7 +194,8 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> dic
     # The step's one collective and host sync: every rank gets the same loss, norm and stop request.
     alloc, peak = memory_gib(dev)
     extras = torch.tensor([float(bool(_STOP_SIGNAL)), alloc, peak], device=dev)
-    mine = torch.cat([(loss_sum / len(micro_batches)).reshape(1), grad_norm.reshape(1).float(), extras]).double()
+    norm = grad_norm.reshape(1).float().to(dev)  # on the CPU with --cpu_offload
+    mine = torch.cat([(loss_sum / len(micro_batches)).reshape(1), norm, extras]).double()
     gathered = [torch.empty_like(mine) for _ in range(tr.info.world_size)]
     dist.all_gather(gathered, mine)
     table = torch.stack(gathered).tolist()

@@ -12,6 +12,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from sdxl_trainer import models
 
 LR_SCHEDULERS = (
@@ -135,6 +137,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false",
                    help=argparse.SUPPRESS)  # fmt: skip
+    g.add_argument(
+        "--cpu_offload",
+        action="store_true",
+        help="keep fp32 master weights, gradients and optimizer state in CPU RAM (FSDP2 CPUOffloadPolicy); the "
+        "optimizer steps on the CPU: much slower, for a single 24 GB card (GPU only; use --optimizer adamw)",
+    )
     models.add_model_args(g)
 
 
@@ -292,6 +300,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     """Reject bad values and combinations (message names the flag) and fill the resolved defaults."""
     if not args.cached_dataset_dirs and not args.cached_dataset_lists:
         raise ArgsError("--cached_dataset_dirs: give at least one cache folder (written by sdxl_process_data_dir.py)")
+    if args.cpu_offload and not torch.cuda.is_available():
+        raise ArgsError("--cpu_offload moves the weights off a GPU: it needs a CUDA GPU")
     try:
         models.check_model_args(args.pretrained_model_name_or_path, args.single_file_config)
     except models.ModelLoadError as exc:

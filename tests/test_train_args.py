@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 
 from sdxl_trainer import evaluation_args, train_args
 
@@ -12,7 +13,8 @@ from sdxl_trainer import evaluation_args, train_args
 TRAINER_FLAGS = [
     "--adam_beta1", "--adam_beta2", "--adam_epsilon", "--adam_weight_decay", "--cached_dataset_dirs",
     "--cached_dataset_lists", "--checkpointing_steps", "--checkpoints_total_limit", "--conditional_dropout_percent",
-    "--data_dir", "--dataloader_num_workers", "--gradient_accumulation_steps", "--gradient_checkpointing",
+    "--cpu_offload", "--data_dir", "--dataloader_num_workers", "--gradient_accumulation_steps",
+    "--gradient_checkpointing",
     "--handoff_dir", "--learning_rate", "--learning_rate_scheduler", "--load_saved_state", "--log_dir",
     "--lr_num_cycles", "--lr_scheduler", "--lr_step_rules", "--lr_warmup_steps", "--max_grad_norm",
     "--max_nonfinite_steps", "--max_resolution", "--max_train_steps", "--min_resolution", "--mixed_precision",
@@ -145,3 +147,11 @@ def test_single_file_base_needs_its_config_folder(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _parse(tmp_path, "--pretrained_model_name_or_path", str(checkpoint))
     assert "--single_file_config" in capsys.readouterr().err
+
+
+def test_cpu_offload_is_refused_without_a_gpu(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("only meaningful on a machine without a GPU")
+    with pytest.raises(SystemExit):
+        _parse(tmp_path, "--cpu_offload")
+    assert "--cpu_offload" in capsys.readouterr().err
