@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--encode_steps", type=int, default=20, help="timed batches for the encode-only rate")
     parser.add_argument("--work_dir", default=None, help="where the temporary images/models/caches go")
     parser.add_argument("--smoke", action="store_true", help="tiny models and images: checks the script on CPU")
+    parser.add_argument("--profile", default=None, help="write a cProfile table of the caching run's main thread here")
     args = parser.parse_args(argv)
     if args.smoke:
         args.num_images, args.size_px, args.batch_sizes, args.num_workers, args.encode_steps = 6, 128, "2", 0, 2
@@ -160,7 +161,22 @@ def main(argv: list[str] | None = None) -> None:
                 mixed_precision=args.mixed_precision,
             )  # fmt: skip
             run_started = time.perf_counter()
-            report = run_caching(caching_args)
+            if args.profile:
+                import cProfile
+                import io
+                import pstats
+
+                if device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode("warn")  # every host-device sync warns, with where it was
+                profiler = cProfile.Profile()
+                report = profiler.runcall(run_caching, caching_args)
+                table = io.StringIO()
+                pstats.Stats(profiler, stream=table).sort_stats("cumulative").print_stats(45)
+                Path(args.profile).write_text(table.getvalue())
+                if device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode(0)
+            else:
+                report = run_caching(caching_args)
             wall_s = time.perf_counter() - run_started
             peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             encode_rate = encode_only_rate(model_dir, device, batch, args.size_px, args.encode_steps, dtype)

@@ -78,12 +78,17 @@ def init_single_gpu_group():
 
 
 def build_unet(
-    fsdp: bool, checkpointing: bool, channels_last: bool, compile_blocks: str | bool, cpu_offload: bool = False
+    fsdp: bool,
+    checkpointing: bool,
+    channels_last: bool,
+    compile_blocks: str | bool,
+    cpu_offload: bool = False,
+    weights_dtype: torch.dtype = torch.float32,
 ):
     from diffusers import UNet2DConditionModel
 
     with torch.device("cuda"):
-        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG).to(weights_dtype)
     unet.train()
     if checkpointing:
         unet.enable_gradient_checkpointing()
@@ -97,6 +102,8 @@ def build_unet(
                     module.compile()
     if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
+    if compile_blocks == "whole":
+        unet = torch.compile(unet)
     if fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -111,7 +118,80 @@ def build_unet(
     return unet
 
 
+class MasterWeights:
+    """fp32 master weights outside a bf16 compute model (no FSDP): the inner optimizer steps fp32 copies with
+    fp32 gradients (cast from the bf16 ones), then the result is cast back into the compute weights."""
+
+    def __init__(self, params, inner: str):
+        self.params = [p for p in params if p.requires_grad]
+        self.master = [p.detach().float().contiguous().requires_grad_() for p in self.params]
+        for m in self.master:
+            m.grad = torch.zeros_like(m)
+        if inner == "bnb8bit":
+            import bitsandbytes as bnb
+
+            self.inner = bnb.optim.AdamW8bit(self.master, lr=1e-6)
+        else:
+            self.inner = torch.optim.AdamW(self.master, lr=1e-6, fused=True)
+
+    def step(self):
+        torch._foreach_copy_([m.grad for m in self.master], [p.grad for p in self.params])
+        self.inner.step()
+        torch._foreach_copy_([p.data for p in self.params], self.master)
+
+    def zero_grad(self, set_to_none: bool = True):
+        for p in self.params:
+            p.grad = None
+
+
+class FlatMasterWeights:
+    """Like MasterWeights, but every bf16 weight and gradient is a view into one flat buffer and the fp32 master
+    is one flat buffer stepped in a few large chunks: the cast, the step, the clip and the cast back are a
+    handful of kernels instead of thousands (bitsandbytes steps one tensor at a time)."""
+
+    CHUNK = 2**29  # elements per optimizer tensor (bitsandbytes indexes with 32-bit ints)
+
+    def __init__(self, params, inner: str):
+        params = [p for p in params if p.requires_grad]
+        total = sum(p.numel() for p in params)
+        self.compute = torch.empty(total, dtype=params[0].dtype, device=params[0].device)
+        self.compute_grad = torch.zeros_like(self.compute)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            view = self.compute[offset : offset + n].view(p.shape)
+            view.copy_(p.data)
+            p.data = view
+            p.grad = self.compute_grad[offset : offset + n].view(p.shape)
+            offset += n
+        self.flat_master = self.compute.float()
+        self.flat_grad = torch.zeros_like(self.flat_master)
+        self.master = []
+        for start in range(0, total, self.CHUNK):
+            chunk = torch.nn.Parameter(self.flat_master[start : start + self.CHUNK])
+            chunk.grad = self.flat_grad[start : start + self.CHUNK]
+            self.master.append(chunk)
+        if inner == "bnb8bit":
+            import bitsandbytes as bnb
+
+            self.inner = bnb.optim.AdamW8bit(self.master, lr=1e-6)
+        else:
+            self.inner = torch.optim.AdamW(self.master, lr=1e-6, fused=True)
+
+    def step(self):
+        self.flat_grad.copy_(self.compute_grad)
+        self.inner.step()
+        self.compute.copy_(self.flat_master)
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.compute_grad.zero_()
+
+
 def build_optimizer(name: str, unet):
+    if name.startswith("flat_"):
+        return FlatMasterWeights(unet.parameters(), name.removeprefix("flat_"))
+    if name.startswith("master_"):
+        return MasterWeights(unet.parameters(), name.removeprefix("master_"))
     if name == "bnb8bit_plain":
         import bitsandbytes as bnb
 
@@ -123,6 +203,18 @@ def build_optimizer(name: str, unet):
     return torch.optim.AdamW(unet.parameters(), lr=1e-6, foreach=True)
 
 
+def sdpa_backends(name: str | None):
+    """A context selecting scaled_dot_product_attention's kernel (None: PyTorch's own choice)."""
+    import contextlib
+
+    if name is None:
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name]
+    return lambda: sdpa_kernel([backend])
+
+
 def run(cfg: dict, steps: int, baseline: float | None, memory_cap_gib: float | None = None) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -132,28 +224,36 @@ def run(cfg: dict, steps: int, baseline: float | None, memory_cap_gib: float | N
     result = dict(name=cfg["name"], batch=cfg["batch"])
     unet = opt = None
     try:
+        torch.backends.cudnn.benchmark = cfg.get("cudnn_benchmark", False)
+        bf16_weights = cfg["optim"].startswith(("master_", "flat_")) or cfg.get("bf16_weights")
+        weights_dtype = torch.bfloat16 if bf16_weights else None
         unet = build_unet(
             cfg["fsdp"],
             cfg["ckpt"],
             cfg.get("channels_last", False),
             cfg.get("compile", False),
             cfg.get("offload", False),
+            weights_dtype or torch.float32,
         )
         opt = build_optimizer(cfg["optim"], unet)
         autocast = cfg.get("autocast")
+        attention = sdpa_backends(cfg.get("attention"))
 
         def step():
             b = random_batch(cfg["batch"], channels_last=cfg.get("channels_last", False))
-            with torch.autocast("cuda", dtype=autocast, enabled=autocast is not None):
+            if weights_dtype is not None:
+                b = {k: v.to(weights_dtype) if v.is_floating_point() else v for k, v in b.items()}
+            with torch.autocast("cuda", dtype=autocast, enabled=autocast is not None), attention():
                 out = unet(
                     b["latents"],
                     b["timesteps"],
                     b["context"],
                     added_cond_kwargs={"text_embeds": b["pooled"], "time_ids": b["time_ids"]},
                 ).sample
-            loss = torch.nn.functional.mse_loss(out.float(), b["latents"].float())
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+                loss = torch.nn.functional.mse_loss(out.float(), b["latents"].float())
+                loss.backward()
+            grads_of = opt.master if isinstance(opt, (MasterWeights, FlatMasterWeights)) else list(unet.parameters())
+            torch.nn.utils.clip_grad_norm_(grads_of, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -241,6 +341,69 @@ CONFIGS = {
             compile="regional+resnets",
         ),
         *[cap_config(b, offload) for b in (1, 2, 4, 8) for offload in (False, True)],
+        dict(
+            name="fsdp2_bf16mp_foreach_cudnnbench",
+            batch=8,
+            fsdp=True,
+            ckpt=False,
+            optim="adamw_foreach",
+            cudnn_benchmark=True,
+        ),  # fmt: skip
+        dict(
+            name="fsdp2_bf16mp_foreach_cudnnattn",
+            batch=8,
+            fsdp=True,
+            ckpt=False,
+            optim="adamw_foreach",
+            attention="cudnn",
+        ),  # fmt: skip
+        # No FSDP (one GPU): bf16 compute weights, fp32 master weights held by the optimizer.
+        dict(name="bf16_weights_only_fused", batch=8, fsdp=False, ckpt=False, optim="adamw_fused", bf16_weights=True),
+        *[
+            dict(
+                name=f"master_{inner}{'_cl' if cl else ''}{'_bench' if bench else ''}{f'_{attn}' if attn else ''}"
+                f"{'_ckpt' if ckpt else ''}{'_compile' if comp else ''}_B{batch}",
+                batch=batch,
+                fsdp=False,
+                ckpt=ckpt,
+                optim=f"master_{inner}",
+                channels_last=cl,
+                cudnn_benchmark=bench,
+                attention=attn,
+                compile="whole" if comp else False,
+            )  # fmt: skip
+            for inner, cl, bench, attn, ckpt, comp, batch in [
+                ("fused", False, False, None, False, False, 8),
+                ("fused", False, True, None, False, False, 8),
+                ("fused", True, True, None, False, False, 8),
+                ("fused", True, True, "cudnn", False, False, 8),
+                ("fused", True, True, "flash", False, False, 8),
+                ("bnb8bit", True, True, None, False, False, 8),
+                ("fused", True, True, None, False, False, 16),
+                ("fused", True, True, None, True, False, 16),
+                ("bnb8bit", True, True, None, True, False, 32),
+                ("fused", True, True, None, False, True, 8),
+                ("fused", True, True, None, False, True, 16),
+            ]
+        ],
+        *[
+            dict(
+                name=f"flat_{inner}{'_ckpt' if ckpt else ''}{'_compile' if comp else ''}_B{batch}",
+                batch=batch,
+                fsdp=False,
+                ckpt=ckpt,
+                optim=f"flat_{inner}",
+                compile="whole" if comp else False,
+            )  # fmt: skip
+            for inner, ckpt, comp, batch in [
+                ("fused", False, False, 8),
+                ("bnb8bit", False, False, 8),
+                ("fused", False, False, 12),
+                ("bnb8bit", True, False, 16),
+                ("fused", False, True, 8),
+                ("bnb8bit", False, True, 8),
+            ]
+        ],
     ]
 }
 
@@ -259,9 +422,13 @@ def run_in_subprocess(name: str, steps: int) -> dict:
     return json.loads(lines[-1])
 
 
+def _matches(name: str, wanted: str) -> bool:
+    return name.startswith(wanted[:-1]) if wanted.endswith("*") else name == wanted
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="", help="comma-separated configuration names or prefixes (default: all)")
+    parser.add_argument("--only", default="", help="comma-separated names; trailing * matches a prefix (default: all)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -275,7 +442,7 @@ def main() -> None:
     wanted = [w for w in args.only.split(",") if w]
     baseline = None
     for name in CONFIGS:
-        if not name.startswith("original") and wanted and not any(name.startswith(w) for w in wanted):
+        if not name.startswith("original") and wanted and not any(_matches(name, w) for w in wanted):
             continue
         result = run_in_subprocess(name, args.steps)
         if name.startswith("original"):

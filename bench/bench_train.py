@@ -1,7 +1,8 @@
 """Training throughput of the project's own trainer on one GPU, against the original trainer's recipe.
 
 What runs: `sdxl_fsdp_train.py`'s own code path (`sdxl_trainer.train.main`): the cache reader and DataLoader
-over a cache of random full-size items (1024-px buckets of several aspect ratios), FSDP2 sharding, the real
+over a cache of random full-size items (1024-px buckets of several aspect ratios), the sharding (--sharding auto:
+the flat one-process layout on one GPU, FSDP2 on several), the real
 step (noise, time ids, loss, clipping, optimizer, LR schedule), logging to TensorBoard and the progress bar.
 The UNet is a full-size SDXL-base-shaped UNet with random weights, written once as a diffusers folder.
 In the same run, the original trainer's recipe (fp32 weights, fp16 autocast, gradient checkpointing,
@@ -43,6 +44,11 @@ CONFIGS = {
     "default_B8": dict(batch=8, flags=[]),
     "adamw_B8": dict(batch=8, flags=["--optimizer", "adamw"]),
     "adamw_nockpt_B8": dict(batch=8, flags=["--optimizer", "adamw", "--no_gradient_checkpointing"]),
+    "adamw8bit_nockpt_B8": dict(batch=8, flags=["--optimizer", "adamw8bit", "--no_gradient_checkpointing"]),
+    # One GPU through FSDP2 instead of the flat one-process layout (what --sharding auto chose before).
+    "adamw_nockpt_fsdp_B8": dict(
+        batch=8, flags=["--optimizer", "adamw", "--no_gradient_checkpointing", "--sharding", "full_shard"]
+    ),
     "adamw_nockpt_B12": dict(batch=12, flags=["--optimizer", "adamw", "--no_gradient_checkpointing"]),
     "adamw8bit_ckpt_B32": dict(batch=32, flags=["--optimizer", "adamw8bit", "--gradient_checkpointing"]),
 }
@@ -58,6 +64,8 @@ def write_model(folder: Path) -> None:
     with torch.device("cuda"):
         unet = UNet2DConditionModel(**SDXL_UNET_CONFIG).half()
     unet.save_pretrained(folder / "unet")
+    del unet
+    torch.cuda.empty_cache()  # else this parent process keeps ~10 GiB reserved while the trainers run
     EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         timestep_spacing="leading", steps_offset=1, prediction_type="epsilon",
@@ -112,6 +120,8 @@ def run_trainer(
 
     flags = OFFLOAD_FLAGS if name.startswith("offload") else MEMORY_FLAGS
     cfg = CONFIGS.get(name) or dict(batch=int(name.rsplit("_B", 1)[1]), flags=flags)
+    if "--sharding" in cfg["flags"]:
+        extra_flags = ()  # the configuration names its own
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: every rank runs this, rank 0 reports
     if memory_cap_gib:
         device = int(os.environ.get("LOCAL_RANK", "0"))
@@ -201,7 +211,7 @@ def main() -> None:
     parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "sdxl_bench_train"))
     parser.add_argument("--smoke", action="store_true", help="tiny model and cache on CPU: checks the script runs")
     parser.add_argument("--nproc", type=int, default=1, help="GPUs (processes under torchrun) per configuration")
-    parser.add_argument("--sharding", default="full_shard", help="the trainer's --sharding for every configuration")
+    parser.add_argument("--sharding", default="auto", help="the trainer's --sharding for every configuration")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--cap", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()

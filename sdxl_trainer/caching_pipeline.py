@@ -90,7 +90,7 @@ class Pipeline:
         flight = InFlight(batch)
         with_pixels = [i for i, (_, job) in enumerate(batch) if "pixels" in job]
         if with_pixels:
-            pixels = torch.stack([batch[i][1]["pixels"].permute(2, 0, 1) for i in with_pixels])
+            pixels = torch.stack([batch[i][1]["pixels"] for i in with_pixels])  # (B, H, W, 3)
             if self.device.type == "cuda":
                 pixels = pixels.pin_memory()
             mean, std = self.encoders.encode_images(pixels)

@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from sdxl_trainer.distributed import DistInfo, barrier
 
@@ -179,7 +178,7 @@ def save_checkpoint(
         (tmp / "rng").mkdir()
     barrier()
     writer = dcp.HuggingFaceStorageWriter(str(tmp / "model"), save_distributed=True)
-    dcp.save(get_model_state_dict(model), storage_writer=writer)
+    dcp.save(optimizer.model_state_dict(model), storage_writer=writer)
     opt_state = {"layout": optimizer.layout(), "name": optimizer.name, "state": optimizer.state_dict()}
     save_structured(tmp / "optimizer" / f"rank{info.rank}", opt_state)
     save_structured(tmp / "rng" / f"rank{info.rank}", rng_state())
@@ -203,9 +202,9 @@ def save_checkpoint(
 def load_checkpoint(path: Path, info: DistInfo, model: torch.nn.Module, optimizer, lr_scheduler, scaler) -> dict:
     """Collective: restores everything saved above into freshly built objects; returns the train state."""
     state = json.loads((path / TRAIN_STATE).read_text(encoding="utf-8"))
-    model_sd = get_model_state_dict(model)
+    model_sd = optimizer.model_state_dict(model)  # the fp32 master weights, whichever layout holds them
     dcp.load(model_sd, storage_reader=dcp.HuggingFaceStorageReader(str(path / "model")))
-    set_model_state_dict(model, model_sd)
+    optimizer.load_model_state_dict(model, model_sd)
     opt_stem = path / "optimizer" / f"rank{info.rank}"
     if state["world_size"] != info.world_size or not opt_stem.with_suffix(".json").is_file():
         raise CheckpointError(

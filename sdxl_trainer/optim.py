@@ -90,6 +90,27 @@ class LocalShardOptimizer:
         """Shapes of the local shards in order: a resume must see the same layout to reuse the state."""
         return [list(loc.shape) for loc in self.locals]
 
+    def after_backward(self) -> None:
+        """Nothing to do: FSDP2 has already reduced this micro-batch's gradient into the fp32 shards."""
+
+    # The weights: FSDP2's sharded fp32 parameters are the master weights.
+
+    def model_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(model)
+
+    def load_model_state_dict(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, state)
+
+    def full_model_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Collective. Rank 0 gets the full fp32 state dict on CPU; the others get an empty dict."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
 
 def _bnb_factory(kind: str, args: argparse.Namespace):
     def build(locals_: list[torch.Tensor], global_numels: list[int]):
@@ -144,16 +165,22 @@ def _adafactor_factory(args: argparse.Namespace):
     return build
 
 
-def build_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> LocalShardOptimizer:
+def inner_factory(args: argparse.Namespace):
+    """`build(tensors, numels)` for --optimizer: the optimizer over plain tensors, with per-tensor 8-/32-bit
+    state decided by `numels` (the element counts an unsharded run would see)."""
     factories = {
-        "adamw8bit": _bnb_factory("adamw8bit", args),
-        "lion8bit": _bnb_factory("lion8bit", args),
-        "adamw": _torch_adamw_factory(args),
-        "adafactor": _adafactor_factory(args),
+        "adamw8bit": lambda: _bnb_factory("adamw8bit", args),
+        "lion8bit": lambda: _bnb_factory("lion8bit", args),
+        "adamw": lambda: _torch_adamw_factory(args),
+        "adafactor": lambda: _adafactor_factory(args),
     }
     if args.optimizer not in factories:
         raise ValueError(f"--optimizer: unknown {args.optimizer!r}; choose one of {sorted(factories)}")
-    return LocalShardOptimizer(params, args.optimizer, factories[args.optimizer])
+    return factories[args.optimizer]()
+
+
+def build_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> LocalShardOptimizer:
+    return LocalShardOptimizer(params, args.optimizer, inner_factory(args))
 
 
 def state_bits(optimizer: LocalShardOptimizer) -> list[int]:
@@ -177,13 +204,15 @@ def clip_grad_norm_(optimizer: LocalShardOptimizer, max_norm: float, shard_group
     grads = [loc.grad for loc in optimizer.locals if loc.grad is not None]
     device = optimizer.locals[0].device if optimizer.locals else torch.device("cpu")
     if grads:
-        total_sq = torch.stack(torch._foreach_norm(grads, 2.0)).float().pow(2).sum()
+        # Accumulated in fp64: an fp32 norm over one flat tensor of millions of elements (flat_master.py) is
+        # off by ~5e-5 relative on CPU (measured); per-tensor norms hid that, a few large chunks do not.
+        total_sq = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float64)).pow(2).sum()
     else:
-        total_sq = torch.zeros((), device=device)
+        total_sq = torch.zeros((), device=device, dtype=torch.float64)
     if shard_group is not None and torch.distributed.get_world_size(shard_group) > 1:
         torch.distributed.all_reduce(total_sq, group=shard_group)
     total = total_sq.sqrt()
     if grads and math.isfinite(max_norm):
         # clamp(max=1) without a host sync: scaling by 1.0 when the norm is already small enough.
-        torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
-    return total
+        torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0).float())
+    return total.float()

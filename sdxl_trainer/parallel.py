@@ -10,6 +10,8 @@ Strategies, all expressed as a device mesh plus `reshard_after_forward`:
   shard_grad_op  1-D mesh; parameters stay gathered from forward to backward (ZeRO-2 style)
   no_shard       2-D mesh (world, 1): replicated everywhere, gradients all-reduced (DDP-equivalent)
   hybrid_shard   2-D mesh (nodes, GPUs per node): sharded inside a machine, replicated across machines
+  none           one process, no FSDP: flat bf16 compute weights and flat fp32 master weights (flat_master.py)
+  auto           (default) none on one process, full_shard on several or with --cpu_offload
 """
 
 from __future__ import annotations
@@ -28,9 +30,23 @@ class ShardingError(RuntimeError):
     """Sharding was asked for (--sharding) and is not in effect."""
 
 
+def resolve_strategy(strategy: str, info: DistInfo, cpu_offload: bool) -> str:
+    """`auto`: no FSDP on one process (nothing to shard: flat_master.py, measured faster), FULL_SHARD on several
+    or with --cpu_offload (FSDP2's offload is the way a 24 GiB card holds the optimizer)."""
+    if strategy == "auto":
+        return "none" if info.world_size == 1 and not cpu_offload else "full_shard"
+    if strategy == "none" and info.world_size > 1:
+        raise ShardingError(
+            f"--sharding none trains in one process; this run has {info.world_size}: use full_shard (or auto)"
+        )
+    if strategy == "none" and cpu_offload:
+        raise ShardingError("--cpu_offload is FSDP2's CPU offload: use --sharding full_shard (or auto) with it")
+    return strategy
+
+
 def build_mesh(strategy: str, info: DistInfo) -> DeviceMesh:
     device_type = info.device.type
-    if strategy in ("full_shard", "shard_grad_op"):
+    if strategy in ("full_shard", "shard_grad_op", "none"):  # none: one process, the mesh only names its group
         return init_device_mesh(device_type, (info.world_size,), mesh_dim_names=("shard",))
     if strategy == "no_shard":
         return init_device_mesh(device_type, (info.world_size, 1), mesh_dim_names=("replicate", "shard"))
@@ -160,4 +176,23 @@ def build_sharded_unet(
         full = models.load_unet(pretrained, torch_dtype=torch.float32).state_dict() if info.is_main_process else {}
         set_model_state_dict(unet, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         del full
+    return unet
+
+
+def build_single_process_unet(pretrained: str, gradient_checkpointing: bool, load_base_weights: bool = True):
+    """The UNet for `--sharding none`: fp32 weights on the CPU (the base model's, or uninitialized when a
+    checkpoint will fill them), for `flat_master.FlatMasterOptimizer` to move into its flat buffers."""
+    from diffusers import UNet2DConditionModel
+
+    from sdxl_trainer import models
+
+    if load_base_weights:
+        unet = models.load_unet(pretrained, torch_dtype=torch.float32)
+    else:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(models.load_unet_config(pretrained))
+        unet.to_empty(device="cpu")
+    unet.train()
+    if gradient_checkpointing:
+        apply_activation_checkpointing(unet)
     return unet

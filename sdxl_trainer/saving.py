@@ -15,18 +15,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from sdxl_trainer import models
 
 HANDOFF_FILE = "unet.safetensors"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Collective. Rank 0 gets the full fp32 state dict on CPU; the others get an empty dict."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)
 
 
 def default_handoff_dir(run_dir: Path, needed_bytes: int, num_nodes: int) -> Path:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from sdxl_trainer import checkpoint as ckpt
 from sdxl_trainer import data, diffusion, lr_schedule, models, optim, parallel, saving, train_data, validation
 from sdxl_trainer.distributed import DistInfo, barrier, cleanup, init_distributed
+from sdxl_trainer.flat_master import FlatMasterOptimizer
 from sdxl_trainer.log import (
     TAG_EPOCH_LOSS,
     TAG_SKIPPED,
@@ -67,7 +68,7 @@ class Trainer:
     run_dir: Path
     unet: torch.nn.Module
     noise_scheduler: object
-    optimizer: optim.LocalShardOptimizer
+    optimizer: optim.LocalShardOptimizer | FlatMasterOptimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: object | None
     data: train_data.TrainingData
@@ -116,13 +117,26 @@ def setup(args: argparse.Namespace) -> Trainer:
     noise_scheduler = models.load_noise_scheduler(args.pretrained_model_name_or_path)
     td = train_data.build_training_data(args, info, noise_scheduler.config.num_train_timesteps, resume_state)
 
+    try:
+        args.sharding = parallel.resolve_strategy(args.sharding, info, args.cpu_offload)
+    except parallel.ShardingError as exc:
+        raise TrainingError(str(exc)) from exc
     mesh = parallel.build_mesh(args.sharding, info)
-    unet = parallel.build_sharded_unet(
-        args.pretrained_model_name_or_path, info, mesh, args.sharding, args.mixed_precision,
-        args.gradient_checkpointing, load_base_weights=resume_path is None, cpu_offload=args.cpu_offload,
-    )  # fmt: skip
-    shards = parallel.verify_sharding(unet, mesh, args.sharding)  # refuses to train if sharding is not in effect
-    optimizer = optim.build_optimizer(args, list(unet.parameters()))
+    if args.sharding == "none":
+        unet = parallel.build_single_process_unet(
+            args.pretrained_model_name_or_path, args.gradient_checkpointing, load_base_weights=resume_path is None
+        )
+        compute = parallel.COMPUTE_DTYPES[args.mixed_precision]
+        optimizer = FlatMasterOptimizer(unet, args.optimizer, optim.inner_factory(args), compute, info.device)
+        elements = optimizer.master.numel()
+        shards = {"parameters": len(optimizer.params), "local_elements": elements, "global_elements": elements}
+    else:
+        unet = parallel.build_sharded_unet(
+            args.pretrained_model_name_or_path, info, mesh, args.sharding, args.mixed_precision,
+            args.gradient_checkpointing, load_base_weights=resume_path is None, cpu_offload=args.cpu_offload,
+        )  # fmt: skip
+        shards = parallel.verify_sharding(unet, mesh, args.sharding)  # refuses to train if sharding is not in effect
+        optimizer = optim.build_optimizer(args, list(unet.parameters()))
     lr_scheduler = lr_schedule.build_lr_scheduler(args, optimizer.inner, td.total_steps)
     scaler = None
     if args.mixed_precision == "fp16":  # bf16 has fp32's range: no loss scaling
@@ -173,7 +187,8 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> dic
     """One optimizer step over the accumulated micro-batches.
 
     FSDP2 reduce-scatters gradients after every micro-step's backward (no `set_requires_gradient_sync(False)`),
-    so only sharded gradients are kept between micro-steps (the original kept unsharded ones, B30).
+    so only sharded gradients are kept between micro-steps (the original kept unsharded ones, B30); on one
+    process (`--sharding none`) `after_backward` adds each micro-step's gradient into the fp32 sum.
     """
     dev, scaler = tr.info.device, tr.scaler
     loss_sum = torch.zeros((), device=dev)
@@ -184,10 +199,11 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> dic
         loss_sum += loss.detach()
         scaled = loss / len(micro_batches)
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        tr.optimizer.after_backward()
 
     tr.optimizer.bind_grads()
     if scaler is not None:
-        scaler.unscale_(tr.optimizer.inner)  # before clipping: norm and clip in true units (B3)
+        scaler.unscale_(tr.optimizer)  # before clipping: norm and clip in true units (B3)
     max_norm = tr.args.max_grad_norm if tr.args.max_grad_norm > 0 else math.inf
     grad_norm = optim.clip_grad_norm_(tr.optimizer, max_norm, tr.shard_group)  # before the step (B3)
 
@@ -207,7 +223,7 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> dic
     if scaler is not None:
         loss_scale = float(scaler.get_scale())
         if finite:
-            scaler.step(tr.optimizer.inner)  # also skips by itself on inf/nan gradients (found_inf agreed by ranks)
+            scaler.step(tr.optimizer)  # also skips by itself on inf/nan gradients (found_inf agreed by ranks)
         scaler.update()
     elif finite:
         tr.optimizer.step(bind=False)  # bound above, before unscaling and clipping
@@ -232,7 +248,7 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> dic
 def save_model(tr: Trainer, name: str) -> None:
     """Gather the full UNet to rank 0 only (collective); rank 0 writes the pipeline and the single file."""
     tr.progress.saved_model_step = tr.progress.step
-    full = saving.gather_full_state_dict(tr.unet)
+    full = tr.optimizer.full_model_state_dict(tr.unet)
     if tr.info.is_main_process:
         a = tr.args
         out = saving.save_pipeline(a.pretrained_model_name_or_path, full, tr.run_dir / name, a.weight_dtype)

@@ -26,7 +26,7 @@ LR_SCHEDULERS = (
     "piecewise_constant",
 )
 OPTIMIZERS = ("adamw8bit", "adamw", "adafactor", "lion8bit")
-SHARDING = ("full_shard", "shard_grad_op", "no_shard", "hybrid_shard")
+SHARDING = ("auto", "none", "full_shard", "shard_grad_op", "no_shard", "hybrid_shard")
 MIXED_PRECISION = ("bf16", "fp16", "no")
 DEFAULT_SEED = 123  # the original's fallback seed: an unseeded run is still reproducible
 DEFAULT_WARMUP_FRACTION = 0.02
@@ -125,8 +125,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--sharding",
         choices=SHARDING,
-        default="full_shard",
-        help="FSDP2 strategy: full_shard (default), shard_grad_op, no_shard (replicate), hybrid_shard (multi-node)",
+        default="auto",
+        help="auto (default: none on one process, full_shard on several or with --cpu_offload), none (one process, "
+        "no FSDP: flat bf16 weights + flat fp32 masters, the fastest on one GPU), or an FSDP2 strategy: full_shard, "
+        "shard_grad_op, no_shard (replicate), hybrid_shard (multi-node)",
     )
     g.add_argument(
         "--gradient_checkpointing",

@@ -92,7 +92,7 @@ def evaluate(tr: Trainer, epoch: int) -> None:
             tr.progress.best_validation_loss = value if best is None else min(best, value)
             logger.info("epoch %d: validation loss %.6f", epoch, value)
     if tr.evaluator is not None and tr.evaluator.wants_to_run(epoch):
-        full = saving.gather_full_state_dict(tr.unet)  # full on rank 0 only
+        full = tr.optimizer.full_model_state_dict(tr.unet)  # collective; full on rank 0 only
         path = saving.write_handoff(full, tr.handoff_dir) if tr.info.is_main_process else None
         del full
         barrier()

@@ -68,7 +68,7 @@ def test_every_original_flag_still_parses():
 
 def test_defaults_and_resolved_values(tmp_path):
     args = _parse(tmp_path)
-    assert args.sharding == "full_shard" and args.optimizer == "adamw8bit" and args.mixed_precision == "bf16"
+    assert args.sharding == "auto" and args.optimizer == "adamw8bit" and args.mixed_precision == "bf16"
     assert args.gradient_checkpointing and args.weight_dtype == "float16"
     assert args.set_seed == train_args.DEFAULT_SEED  # an unseeded run is still reproducible
     assert args.percent_lr_warm_up_steps == train_args.DEFAULT_WARMUP_FRACTION and args.lr_warmup_steps is None

@@ -169,16 +169,19 @@ def test_fp16_uses_loss_scaling_and_unscales_before_clipping(tiny_model_dir, cac
     assert b[1]["loss"] == pytest.approx(a[1]["loss"], rel=0.02)
 
 
-@pytest.mark.parametrize("strategy", ["shard_grad_op", "no_shard", "hybrid_shard"])
+@pytest.mark.parametrize("strategy", ["full_shard", "shard_grad_op", "no_shard", "hybrid_shard"])
 def test_every_strategy_builds_its_mesh_and_trains(tiny_model_dir, cache_root, tmp_path, strategy):
-    """One process: the same code path per strategy (multi-process runs are in test_fsdp_multiprocess.py)."""
-    reference, out = tmp_path / "full_shard", tmp_path / strategy
+    """One process: every FSDP2 strategy gives the losses of the default one-process flat layout (--sharding
+    auto = none here; multi-process runs are in test_fsdp_multiprocess.py)."""
+    reference, out = tmp_path / "auto", tmp_path / strategy
     common = ["--max_train_steps", "2", "--no-save_final_model"]
     assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, reference, *common)) == 0
     assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, out, *common, "--sharding", strategy)) == 0
     a, b = read_metrics(reference), read_metrics(out)
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
+    assert [r["grad_norm"] for r in b] == pytest.approx([r["grad_norm"] for r in a], rel=1e-5)
     assert json.loads((out / "config.json").read_text())["sharding"] == strategy
+    assert json.loads((reference / "config.json").read_text())["sharding"] == "none"
 
 
 def test_start_up_checks_name_the_flag(tiny_model_dir, cache_root, tmp_path):
