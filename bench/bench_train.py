@@ -50,6 +50,7 @@ CONFIGS = {
         batch=8, flags=["--optimizer", "adamw", "--no_gradient_checkpointing", "--sharding", "full_shard"]
     ),
     "adamw_nockpt_B12": dict(batch=12, flags=["--optimizer", "adamw", "--no_gradient_checkpointing"]),
+    "adamw8bit_nockpt_B12": dict(batch=12, flags=["--optimizer", "adamw8bit", "--no_gradient_checkpointing"]),
     "adamw8bit_ckpt_B32": dict(batch=32, flags=["--optimizer", "adamw8bit", "--gradient_checkpointing"]),
 }
 
