@@ -87,8 +87,11 @@ def test_full_size_sdxl_unet_trains_at_1024_and_reports_memory(tiny_model_dir, t
     warm = step_records[2:]  # the first steps include FSDP lazy init and the allocator warming up
     rate = sum(r["imgs_per_sec"] for r in warm) / len(warm)
     peaks = summary["peak_gpu_memory_gib_per_rank"]
+    sharding = json.loads((out / "config.json").read_text())["sharding"]  # auto: none on 1 GPU, full_shard on more
+    assert sharding == ("none" if gpus == 1 else "full_shard")
     print(
-        f"\nfull-size SDXL UNet, 1024 px, {gpus} GPU(s) x batch {batch}, FULL_SHARD, bf16, AdamW8bit, checkpointing: "
+        f"\nfull-size SDXL UNet, 1024 px, {gpus} GPU(s) x batch {batch}, --sharding {sharding}, bf16, AdamW8bit, "
+        "checkpointing: "
         f"{rate:.2f} images/s in total ({rate / gpus:.2f} per GPU) over steps 3-{steps}; "
         f"peak allocated GiB per rank {[round(p, 2) for p in peaks]}; "
         f"losses {[round(r['loss'], 4) for r in step_records]}"
