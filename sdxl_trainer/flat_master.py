@@ -48,7 +48,6 @@ class FlatMasterOptimizer:
 
     def __init__(self, unet: torch.nn.Module, name: str, inner_factory, compute_dtype, device: torch.device):
         self.name = name
-        self.unet = unet
         named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
         # Tensors with 32-bit optimizer state last, so that no chunk mixes the two kinds.
         named.sort(key=lambda item: not eight_bit_state(item[1].numel()))
