@@ -84,6 +84,7 @@ def build_unet(
     compile_blocks: str | bool,
     cpu_offload: bool = False,
     weights_dtype: torch.dtype = torch.float32,
+    compile_dynamic: bool | None = False,
 ):
     from diffusers import UNet2DConditionModel
 
@@ -92,14 +93,10 @@ def build_unet(
     unet.train()
     if checkpointing:
         unet.enable_gradient_checkpointing()
-    if compile_blocks:
-        # Regional compilation: diffusers compiles every BasicTransformerBlock (one compiled graph serves all the
-        # same-shaped layers); the resnets are compiled the same way so GroupNorm+SiLU fuse with their neighbours.
-        unet.compile_repeated_blocks()
-        if compile_blocks == "regional+resnets":
-            for module in unet.modules():
-                if type(module).__name__ == "ResnetBlock2D":
-                    module.compile()
+    if compile_blocks and compile_blocks != "whole":
+        from sdxl_trainer.compiling import compile_regions
+
+        compile_regions(unet, compile_blocks, dynamic=compile_dynamic)
     if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     if compile_blocks == "whole":
@@ -151,7 +148,7 @@ class FlatMasterWeights:
 
     CHUNK = 2**29  # elements per optimizer tensor (bitsandbytes indexes with 32-bit ints)
 
-    def __init__(self, params, inner: str):
+    def __init__(self, params, inner: str, channels_last: bool = False):
         params = [p for p in params if p.requires_grad]
         total = sum(p.numel() for p in params)
         self.compute = torch.empty(total, dtype=params[0].dtype, device=params[0].device)
@@ -159,10 +156,17 @@ class FlatMasterWeights:
         offset = 0
         for p in params:
             n = p.numel()
-            view = self.compute[offset : offset + n].view(p.shape)
+
+            def view_of(flat, p=p, n=n, offset=offset):
+                if channels_last and p.dim() == 4:  # conv weights stored (O, kh, kw, I), seen as (O, I, kh, kw)
+                    o, i, kh, kw = p.shape
+                    return flat[offset : offset + n].view(o, kh, kw, i).permute(0, 3, 1, 2)
+                return flat[offset : offset + n].view(p.shape)
+
+            view = view_of(self.compute)
             view.copy_(p.data)
             p.data = view
-            p.grad = self.compute_grad[offset : offset + n].view(p.shape)
+            p.grad = view_of(self.compute_grad)
             offset += n
         self.flat_master = self.compute.float()
         self.flat_grad = torch.zeros_like(self.flat_master)
@@ -187,9 +191,9 @@ class FlatMasterWeights:
         self.compute_grad.zero_()
 
 
-def build_optimizer(name: str, unet):
+def build_optimizer(name: str, unet, channels_last: bool = False):
     if name.startswith("flat_"):
-        return FlatMasterWeights(unet.parameters(), name.removeprefix("flat_"))
+        return FlatMasterWeights(unet.parameters(), name.removeprefix("flat_"), channels_last)
     if name.startswith("master_"):
         return MasterWeights(unet.parameters(), name.removeprefix("master_"))
     if name == "bnb8bit_plain":
@@ -215,7 +219,41 @@ def sdpa_backends(name: str | None):
     return lambda: sdpa_kernel([backend])
 
 
-def run(cfg: dict, steps: int, baseline: float | None, memory_cap_gib: float | None = None) -> dict:
+KERNEL_CATEGORIES = [  # first match wins; lower-case substrings of CUDA kernel names
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("triton (compiled)", ("triton",)),
+    ("conv", ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm", "xmma")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "sm90", "cublas")),
+    ("norm", ("norm", "moments", "welford")),
+    ("layout copy", ("nchwtonhwc", "nhwctonchw", "transpose", "copy", "cat")),
+    ("optimizer", ("adam", "multi_tensor", "optimizer", "kernel_optimizer")),
+    ("reduce", ("reduce",)),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "silu", "gelu")),
+]
+
+
+def kernel_summary(prof, top: int = 20) -> dict:
+    """GPU time of one profiled step by kernel category, and the costliest kernels (what compile could fuse)."""
+    from torch.autograd import DeviceType
+
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    total_ms = sum(e.self_device_time_total for e in kernels) / 1e3
+    by_category: dict[str, float] = {}
+    for e in kernels:
+        name = e.key.lower()
+        category = next((c for c, keys in KERNEL_CATEGORIES if any(k in name for k in keys)), "other")
+        by_category[category] = by_category.get(category, 0.0) + e.self_device_time_total / 1e3
+    ranked = sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]
+    return dict(
+        gpu_ms=round(total_ms, 1),
+        by_category_ms={c: round(ms, 1) for c, ms in sorted(by_category.items(), key=lambda kv: -kv[1])},
+        top_kernels=[[e.key[:90], round(e.self_device_time_total / 1e3, 1), e.count] for e in ranked],
+    )
+
+
+def run(
+    cfg: dict, steps: int, baseline: float | None, memory_cap_gib: float | None = None, profile: bool = False
+) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     if memory_cap_gib:
@@ -234,8 +272,9 @@ def run(cfg: dict, steps: int, baseline: float | None, memory_cap_gib: float | N
             cfg.get("compile", False),
             cfg.get("offload", False),
             weights_dtype or torch.float32,
+            cfg.get("dynamic", False),
         )
-        opt = build_optimizer(cfg["optim"], unet)
+        opt = build_optimizer(cfg["optim"], unet, cfg.get("channels_last", False))
         autocast = cfg.get("autocast")
         attention = sdpa_backends(cfg.get("attention"))
 
@@ -262,6 +301,11 @@ def run(cfg: dict, steps: int, baseline: float | None, memory_cap_gib: float | N
             step()
         torch.cuda.synchronize()
         result["warmup_s"] = round(time.perf_counter() - t_warm, 1)
+        if cfg.get("compile"):
+            from torch._dynamo.utils import counters
+
+            result["compiled_graphs"] = counters["stats"]["unique_graphs"]
+            result["graph_breaks"] = sum(counters["graph_break"].values())
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
@@ -274,6 +318,14 @@ def run(cfg: dict, steps: int, baseline: float | None, memory_cap_gib: float | N
         )
         if baseline:
             result["ratio_to_original_recipe"] = round(images_per_s / baseline, 2)
+        if profile:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as profiler
+
+            with profiler(activities=[ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+            result["profile"] = kernel_summary(prof)
     except Exception as exc:  # noqa: BLE001 - a failing lever is a result, not a crash of the whole bench
         result["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     finally:
@@ -322,7 +374,7 @@ CONFIGS = {
             fsdp=True,
             ckpt=False,
             optim="adamw_foreach",
-            compile="regional",
+            compile="transformers",
         ),
         dict(
             name="fsdp2_bf16mp_foreach_compile_regional_resnets",
@@ -330,7 +382,7 @@ CONFIGS = {
             fsdp=True,
             ckpt=False,
             optim="adamw_foreach",
-            compile="regional+resnets",
+            compile="blocks",
         ),
         dict(
             name="fsdp2_bf16mp_foreach_compile_regional_resnets_B12",
@@ -338,7 +390,7 @@ CONFIGS = {
             fsdp=True,
             ckpt=False,
             optim="adamw_foreach",
-            compile="regional+resnets",
+            compile="blocks",
         ),
         *[cap_config(b, offload) for b in (1, 2, 4, 8) for offload in (False, True)],
         dict(
@@ -388,37 +440,55 @@ CONFIGS = {
         ],
         *[
             dict(
-                name=f"flat_{inner}{'_ckpt' if ckpt else ''}{'_compile' if comp else ''}_B{batch}",
+                name=f"flat_{inner}{'_ckpt' if ckpt else ''}{f'_compile_{comp}' if comp else ''}"
+                f"{'_dyn' if dyn else ''}{'_cl' if cl else ''}_B{batch}",
                 batch=batch,
                 fsdp=False,
                 ckpt=ckpt,
                 optim=f"flat_{inner}",
-                compile="whole" if comp else False,
+                compile=comp,
+                dynamic=dyn,
+                channels_last=cl,
             )  # fmt: skip
-            for inner, ckpt, comp, batch in [
-                ("fused", False, False, 8),
-                ("bnb8bit", False, False, 8),
-                ("fused", False, False, 12),
-                ("bnb8bit", True, False, 16),
-                ("fused", False, True, 8),
-                ("bnb8bit", False, True, 8),
+            for inner, ckpt, comp, dyn, batch, cl in [
+                ("fused", False, None, False, 8, False),
+                ("bnb8bit", False, None, False, 8, False),
+                ("fused", False, None, False, 12, False),
+                ("bnb8bit", True, None, False, 16, False),
+                ("fused", False, "whole", False, 8, False),
+                ("bnb8bit", False, "whole", False, 8, False),
+                ("fused", False, "transformers", False, 8, False),
+                ("fused", False, "blocks", False, 8, False),
+                ("fused", False, "blocks", True, 8, False),
+                ("fused", False, "blocks", False, 12, False),
+                ("bnb8bit", False, "blocks", False, 8, False),
+                ("bnb8bit", False, "blocks", False, 12, False),
+                ("bnb8bit", True, "blocks", False, 16, False),
+                ("fused", False, "blocks", False, 8, True),
+                ("fused", False, "stages", False, 8, False),
+                ("fused", False, "stages", False, 8, True),
+                ("fused", False, "stages", True, 8, True),
+                ("fused", False, "stages", False, 12, True),
+                ("bnb8bit", False, "stages", False, 12, True),
             ]
         ],
     ]
 }
 
 
-def run_in_subprocess(name: str, steps: int) -> dict:
+def run_in_subprocess(name: str, steps: int, profile: bool) -> dict:
     """Each configuration in its own process: a failed one (out of memory) cannot leak memory into the next."""
     import subprocess
     import sys
 
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", name, "--steps", str(steps)], capture_output=True, text=True
+        [sys.executable, __file__, "--child", name, "--steps", str(steps), *(["--profile"] if profile else [])],
+        capture_output=True,
+        text=True,
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:
-        return dict(name=name, error=f"exit {proc.returncode}: {proc.stderr[-300:]}")
+        return dict(name=name, error=f"exit {proc.returncode}: {proc.stderr[-1500:]}")
     return json.loads(lines[-1])
 
 
@@ -430,13 +500,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help="comma-separated names; trailing * matches a prefix (default: all)")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="add one profiled step's GPU time by kernel category")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     if args.child:
         cfg = CONFIGS[args.child]
-        run(cfg, cfg.get("steps", args.steps), None, memory_cap_gib=cfg.get("cap_gib"))
+        run(cfg, cfg.get("steps", args.steps), None, memory_cap_gib=cfg.get("cap_gib"), profile=args.profile)
         return
     print(json.dumps(dict(torch=torch.__version__, gpu=torch.cuda.get_device_name())), flush=True)
     wanted = [w for w in args.only.split(",") if w]
@@ -444,7 +515,7 @@ def main() -> None:
     for name in CONFIGS:
         if not name.startswith("original") and wanted and not any(_matches(name, w) for w in wanted):
             continue
-        result = run_in_subprocess(name, args.steps)
+        result = run_in_subprocess(name, args.steps, args.profile and not name.startswith("original"))
         if name.startswith("original"):
             baseline = result.get("images_per_s")
         elif baseline and "images_per_s" in result:
