@@ -467,6 +467,7 @@ CONFIGS = {
                 ("fused", False, "blocks", False, 8, True),
                 ("fused", False, "stages", False, 8, False),
                 ("fused", False, "stages", False, 8, True),
+                ("fused", False, "stages", True, 8, False),
                 ("fused", False, "stages", True, 8, True),
                 ("fused", False, "stages", False, 12, True),
                 ("bnb8bit", False, "stages", False, 12, True),

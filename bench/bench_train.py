@@ -52,6 +52,14 @@ CONFIGS = {
     "adamw_nockpt_B12": dict(batch=12, flags=["--optimizer", "adamw", "--no_gradient_checkpointing"]),
     "adamw8bit_nockpt_B12": dict(batch=12, flags=["--optimizer", "adamw8bit", "--no_gradient_checkpointing"]),
     "adamw8bit_ckpt_B32": dict(batch=32, flags=["--optimizer", "adamw8bit", "--gradient_checkpointing"]),
+    # Regional torch.compile (the first steps compile; spatial sizes are dynamic, so the 4 buckets share graphs).
+    "default_compile_B8": dict(batch=8, flags=["--compile", "blocks"]),
+    "adamw_nockpt_compile_B12": dict(
+        batch=12, flags=["--optimizer", "adamw", "--no_gradient_checkpointing", "--compile", "blocks"]
+    ),
+    "adamw8bit_nockpt_compile_B12": dict(
+        batch=12, flags=["--optimizer", "adamw8bit", "--no_gradient_checkpointing", "--compile", "blocks"]
+    ),
 }
 
 
@@ -165,6 +173,7 @@ def run_trainer(
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     result = dict(name=name, batch=cfg["batch"], gpus=world, flags=" ".join([*cfg["flags"], *extra_flags]))
+    started = time.perf_counter()
     try:
         summary = train.main(parse_args(argv))
         span = step_end_times[-1] - step_end_times[warmup_steps - 1]
@@ -175,7 +184,12 @@ def run_trainer(
             share_of_ceiling=round(images_per_s / CEILING, 3),
             steps=summary["optimizer_steps"],
             skipped_steps=summary["skipped_steps"],
+            seconds_to_first_step=round(step_end_times[0] - started, 1),  # model loading, and compiling
         )
+        if "--compile" in result["flags"]:
+            from torch._dynamo.utils import counters
+
+            result["compiled_graphs"] = counters["stats"]["unique_graphs"]
     except Exception as exc:  # noqa: BLE001 - an out-of-memory configuration is a result
         result["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     finally:
@@ -195,6 +209,8 @@ def run_child(args: list[str], nproc: int = 1) -> dict:
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                      f"--nproc_per_node={nproc}"]  # fmt: skip
     proc = subprocess.run([*launcher, __file__, *args], capture_output=True, text=True)
+    if os.environ.get("BENCH_LOG_DIR"):  # the child's log (stderr), e.g. with TORCH_LOGS=recompiles
+        (Path(os.environ["BENCH_LOG_DIR"]) / f"{args[1]}.log").write_text(proc.stderr[-2_000_000:])
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:
         return dict(args=" ".join(args), error=f"exit {proc.returncode}: {proc.stderr[-600:]}")

@@ -24,9 +24,7 @@ REGIONS = {
 RECOMPILE_LIMIT = 256
 
 
-def compile_regions(
-    model: torch.nn.Module, choice: str, dynamic: bool | None = None, backend: str = "inductor"
-) -> int:
+def compile_regions(model: torch.nn.Module, choice: str, dynamic: bool | None = None, backend: str = "inductor") -> int:
     """Compiles every sub-module whose class is in REGIONS[choice] in place; returns how many were compiled."""
     names = REGIONS[choice]
     if not names:
@@ -35,6 +33,9 @@ def compile_regions(
     torch._dynamo.config.accumulated_recompile_limit = max(
         torch._dynamo.config.accumulated_recompile_limit, 8 * RECOMPILE_LIMIT
     )
+    # A square first bucket would otherwise tie height and width to one symbol (duck shaping), and the first
+    # non-square bucket would recompile every block.
+    torch.fx.experimental._config.use_duck_shape = False
     count = 0
     for module in model.modules():
         if type(module).__name__ in names:

@@ -22,7 +22,18 @@ import torch
 import torch.distributed as dist
 
 from sdxl_trainer import checkpoint as ckpt
-from sdxl_trainer import data, diffusion, lr_schedule, models, optim, parallel, saving, train_data, validation
+from sdxl_trainer import (
+    compiling,
+    data,
+    diffusion,
+    lr_schedule,
+    models,
+    optim,
+    parallel,
+    saving,
+    train_data,
+    validation,
+)
 from sdxl_trainer.distributed import DistInfo, barrier, cleanup, init_distributed
 from sdxl_trainer.flat_master import FlatMasterOptimizer
 from sdxl_trainer.log import (
@@ -137,6 +148,8 @@ def setup(args: argparse.Namespace) -> Trainer:
         )  # fmt: skip
         shards = parallel.verify_sharding(unet, mesh, args.sharding)  # refuses to train if sharding is not in effect
         optimizer = optim.build_optimizer(args, list(unet.parameters()))
+    # Lazy: each block compiles at its first forward; dynamic spatial sizes let the buckets share graphs.
+    compiled_modules = compiling.compile_regions(unet, args.compile, dynamic=True)
     lr_scheduler = lr_schedule.build_lr_scheduler(args, optimizer.inner, td.total_steps)
     scaler = None
     if args.mixed_precision == "fp16":  # bf16 has fp32's range: no loss scaling
@@ -170,9 +183,10 @@ def setup(args: argparse.Namespace) -> Trainer:
         signal.signal(sig, _request_stop)
     logger.info(
         f"{info.world_size} processes on {info.num_nodes} node(s), --sharding {args.sharding} {shards}, compute "
-        f"{args.mixed_precision}; {len(td.training)} training items, {len(td.validation)} held out; global batch "
-        f"{td.global_batch} x accumulation {args.gradient_accumulation_steps} = {config['effective_batch']} images "
-        f"per optimizer step; {td.total_steps} optimizer steps (per epoch: {td.steps_per_epoch[:5]}...); {run_dir}"
+        f"{args.mixed_precision}, --compile {args.compile} ({compiled_modules} modules compiled); "
+        f"{len(td.training)} training items, {len(td.validation)} held out; global batch {td.global_batch} x "
+        f"accumulation {args.gradient_accumulation_steps} = {config['effective_batch']} images per optimizer step; "
+        f"{td.total_steps} optimizer steps (per epoch: {td.steps_per_epoch[:5]}...); {run_dir}"
     )
     return Trainer(
         args, info, run_dir, unet, noise_scheduler, optimizer, lr_scheduler, scaler, td, sampler, progress, log,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sdxl_trainer import models
+from sdxl_trainer import compiling, models
 
 LR_SCHEDULERS = (
     "linear",
@@ -28,6 +28,7 @@ LR_SCHEDULERS = (
 OPTIMIZERS = ("adamw8bit", "adamw", "adafactor", "lion8bit")
 SHARDING = ("auto", "none", "full_shard", "shard_grad_op", "no_shard", "hybrid_shard")
 MIXED_PRECISION = ("bf16", "fp16", "no")
+DEFAULT_COMPILE = "none"  # --compile: eager until GPU measurements (bench/) show what compiling gains
 DEFAULT_SEED = 123  # the original's fallback seed: an unseeded run is still reproducible
 DEFAULT_WARMUP_FRACTION = 0.02
 
@@ -139,6 +140,14 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false",
                    help=argparse.SUPPRESS)  # fmt: skip
+    g.add_argument(
+        "--compile",
+        choices=list(compiling.REGIONS),
+        default=DEFAULT_COMPILE,
+        help="regional torch.compile (Inductor) of the UNet's repeated blocks: compiled once per block shape at the "
+        "start, spatial sizes dynamic so that new aspect-ratio buckets do not recompile; 'none' runs eager "
+        f"(default {DEFAULT_COMPILE})",
+    )
     g.add_argument(
         "--cpu_offload",
         action="store_true",

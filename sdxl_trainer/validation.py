@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # --compile's blocks run eager: no-grad eval graphs would compile anew
 def validation_loss(tr: Trainer) -> float | None:
     """Mean loss over the hold-out with fixed noise and timesteps: each item's randomness is seeded by the
     item alone (independent of the training stream and of the epoch), so epochs compare. Collective.

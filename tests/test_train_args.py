@@ -12,9 +12,9 @@ from sdxl_trainer import evaluation_args, train_args
 # Adding or removing a trainer flag means editing this list on purpose (docs/training.md too).
 TRAINER_FLAGS = [
     "--adam_beta1", "--adam_beta2", "--adam_epsilon", "--adam_weight_decay", "--cached_dataset_dirs",
-    "--cached_dataset_lists", "--checkpointing_steps", "--checkpoints_total_limit", "--conditional_dropout_percent",
-    "--cpu_offload", "--data_dir", "--dataloader_num_workers", "--gradient_accumulation_steps",
-    "--gradient_checkpointing",
+    "--cached_dataset_lists", "--checkpointing_steps", "--checkpoints_total_limit", "--compile",
+    "--conditional_dropout_percent", "--cpu_offload", "--data_dir", "--dataloader_num_workers",
+    "--gradient_accumulation_steps", "--gradient_checkpointing",
     "--handoff_dir", "--learning_rate", "--learning_rate_scheduler", "--load_saved_state", "--log_dir",
     "--lr_num_cycles", "--lr_scheduler", "--lr_step_rules", "--lr_warmup_steps", "--max_grad_norm",
     "--max_nonfinite_steps", "--max_resolution", "--max_train_steps", "--min_resolution", "--mixed_precision",
@@ -70,6 +70,7 @@ def test_defaults_and_resolved_values(tmp_path):
     args = _parse(tmp_path)
     assert args.sharding == "auto" and args.optimizer == "adamw8bit" and args.mixed_precision == "bf16"
     assert args.gradient_checkpointing and args.weight_dtype == "float16"
+    assert args.compile == train_args.DEFAULT_COMPILE
     assert args.set_seed == train_args.DEFAULT_SEED  # an unseeded run is still reproducible
     assert args.percent_lr_warm_up_steps == train_args.DEFAULT_WARMUP_FRACTION and args.lr_warmup_steps is None
 
@@ -94,6 +95,7 @@ def test_aliases_keep_the_originals_names(tmp_path):
         (["--learning_rate_scheduler", "polynomial", "--polynomial_lr_end", "1"], "--polynomial_lr_end"),
         (["--learning_rate", "-1"], "--learning_rate"),
         (["--sharding", "zero3"], "--sharding"),
+        (["--compile", "whole"], "--compile"),
         (["--train_batch_size", "0"], "--train_batch_size"),
         (["--validation_loss_percent", "1.5"], "--validation_loss_percent"),
         (["--sample_grid_max_rows", "1"], "--sample_grid_max_rows"),  # the evaluation module's own check
