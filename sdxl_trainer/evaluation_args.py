@@ -9,31 +9,11 @@ from __future__ import annotations
 import argparse
 
 from sdxl_trainer import sampling, scores
+from sdxl_trainer.arg_types import non_negative_int, positive_fraction, positive_int
 
 
 class EvaluationArgsError(ValueError):
     """An evaluation flag is invalid; the message names it."""
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {value}")
-    return value
 
 
 def _metric_list(text: str) -> list[str]:
@@ -47,22 +27,22 @@ def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
     """Flags for samples, validation images and scores (the original's names where it had them)."""
     g = parser.add_argument_group("sample grid (one row per sampled epoch, same seed per prompt)")
     g.add_argument("--save_samples", action="store_true", help="make the sample grid (row 1 = base model)")
-    g.add_argument("--num_sample_images", type=_positive_int, default=8, help="prompts in the grid")
+    g.add_argument("--num_sample_images", type=positive_int, default=8, help="prompts in the grid")
     g.add_argument(
         "--sample_prompts",
         default=str(sampling.DEFAULT_SAMPLE_PROMPTS_FILE),
         help="UTF-8 file, one prompt per line (# comments); its first --num_sample_images prompts are used, "
         "training captions fill up when it has fewer",
     )
-    g.add_argument("--save_samples_every_n_epochs", type=_positive_int, default=10, help="a row every N epochs")
-    g.add_argument("--start_save_samples_epoch", type=_non_negative_int, default=0, help="first epoch with a row")
-    g.add_argument("--sample_steps", type=_positive_int, default=30, help="denoising steps (samples and validation)")
+    g.add_argument("--save_samples_every_n_epochs", type=positive_int, default=10, help="a row every N epochs")
+    g.add_argument("--start_save_samples_epoch", type=non_negative_int, default=0, help="first epoch with a row")
+    g.add_argument("--sample_steps", type=positive_int, default=30, help="denoising steps (samples and validation)")
     g.add_argument("--sample_guidance_scale", type=float, default=5.0, help="classifier-free guidance scale")
     g.add_argument("--sample_seed", type=int, default=0, help="prompt i uses seed sample_seed + i in every row")
-    g.add_argument("--sample_width_px", type=_positive_int, default=None, help="sample width (default: model's)")
-    g.add_argument("--sample_height_px", type=_positive_int, default=None, help="sample height (default: model's)")
+    g.add_argument("--sample_width_px", type=positive_int, default=None, help="sample width (default: model's)")
+    g.add_argument("--sample_height_px", type=positive_int, default=None, help="sample height (default: model's)")
     g.add_argument(
-        "--sample_batch_size", type=_positive_int, default=1, help="images per pipeline call (samples, validation)"
+        "--sample_batch_size", type=positive_int, default=1, help="images per pipeline call (samples, validation)"
     )
     g.add_argument(
         "--sample_grid_max_rows",
@@ -74,12 +54,12 @@ def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--validation_image", action="store_true", help="generate and score validation images")
     g.add_argument(
         "--validation_image_percent",
-        type=_fraction,
+        type=positive_fraction,
         default=0.10,
         help="fraction of the items held out as validation images (the trainer holds them out)",
     )
     g.add_argument(
-        "--validation_image_every_n_epochs", type=_positive_int, default=10, help="at epoch 0 and every N epochs"
+        "--validation_image_every_n_epochs", type=positive_int, default=10, help="at epoch 0 and every N epochs"
     )
     g.add_argument(
         "--save_validation_images", action="store_true", help="also write them to <run>/validation_images/epoch_N/"
@@ -98,10 +78,10 @@ def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--metrics_lpips_backbone", default=None, help="LPIPS: torchvision alexnet (or vgg16) weights")
     g.add_argument("--metrics_hps_checkpoint", default=None, help="HPSv2: HPS_v2.1_compressed.pt")
     g.add_argument("--metrics_hps_model", default="ViT-H-14", help="open_clip architecture of the HPS checkpoint")
-    g.add_argument("--metrics_batch_size", type=_positive_int, default=16, help="images per scorer forward")
-    g.add_argument("--metrics_kid_subsets", type=_positive_int, default=100, help="KID: number of subsets")
-    g.add_argument("--metrics_kid_subset_size", type=_positive_int, default=1000, help="KID: images per subset")
-    g.add_argument("--metrics_is_splits", type=_positive_int, default=10, help="IS: number of splits")
+    g.add_argument("--metrics_batch_size", type=positive_int, default=16, help="images per scorer forward")
+    g.add_argument("--metrics_kid_subsets", type=positive_int, default=100, help="KID: number of subsets")
+    g.add_argument("--metrics_kid_subset_size", type=positive_int, default=1000, help="KID: images per subset")
+    g.add_argument("--metrics_is_splits", type=positive_int, default=10, help="IS: number of splits")
     g.add_argument(
         "--keep_eval_models_on_device",
         action="store_true",

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from sdxl_trainer import compiling, models
+from sdxl_trainer.arg_types import fraction, non_negative_int, positive_int
 
 LR_SCHEDULERS = (
     "linear",
@@ -37,27 +38,6 @@ class ArgsError(ValueError):
     """A flag value or combination is invalid; the message names the flag."""
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {value}")
-    return value
-
-
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data (the cache written by sdxl_process_data_dir.py)")
     g.add_argument(
@@ -72,15 +52,15 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="older name: files or folders inside a dataset's cache folder; their dataset cache folder is used",
     )
-    g.add_argument("--train_batch_size", type=_positive_int, default=10, help="images per GPU per micro-step")
+    g.add_argument("--train_batch_size", type=positive_int, default=10, help="images per GPU per micro-step")
     g.add_argument(
         "--conditional_dropout_percent",
-        type=_fraction,
+        type=fraction,
         default=0.1,
         help="fraction of items trained with the empty caption's embeddings (classifier-free guidance)",
     )
     g.add_argument(
-        "--dataloader_num_workers", type=_non_negative_int, default=2, help="CPU worker processes reading the cache"
+        "--dataloader_num_workers", type=non_negative_int, default=2, help="CPU worker processes reading the cache"
     )
     g.add_argument("--set_seed", type=int, default=None, help=f"seed of every random choice (default {DEFAULT_SEED})")
     g.add_argument(
@@ -172,7 +152,7 @@ def _add_optim_args(parser: argparse.ArgumentParser) -> None:
         help="clip the global gradient norm to this before each optimizer step (0 = no clipping, still measured)",
     )
     g.add_argument(
-        "--gradient_accumulation_steps", type=_positive_int, default=60, help="micro-steps per optimizer step"
+        "--gradient_accumulation_steps", type=positive_int, default=60, help="micro-steps per optimizer step"
     )
     g.add_argument(
         "--learning_rate_scheduler",
@@ -184,11 +164,11 @@ def _add_optim_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--percent_lr_warm_up_steps",
-        type=_fraction,
+        type=fraction,
         default=None,
         help=f"warm-up as a fraction of all optimizer steps (default {DEFAULT_WARMUP_FRACTION})",
     )
-    g.add_argument("--lr_warmup_steps", type=_non_negative_int, default=None, help="warm-up in optimizer steps")
+    g.add_argument("--lr_warmup_steps", type=non_negative_int, default=None, help="warm-up in optimizer steps")
     g.add_argument("--polynomial_lr_end", type=float, default=1e-8, help="final lr of the polynomial schedule")
     g.add_argument(
         "--polynomial_power",
@@ -204,10 +184,10 @@ def _add_optim_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("run length, output and logging")
-    g.add_argument("--num_train_epochs", type=_positive_int, default=200, help="epochs to train")
+    g.add_argument("--num_train_epochs", type=positive_int, default=200, help="epochs to train")
     g.add_argument(
         "--max_train_steps",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="optimizer steps to train; overrides --num_train_epochs (the run lasts as many epochs as needed)",
     )
@@ -216,7 +196,7 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--log_dir", default="logs", help="TensorBoard root; the run logs to <log_dir>/<run name>")
     g.add_argument(
         "--max_nonfinite_steps",
-        type=_positive_int,
+        type=positive_int,
         default=10,
         help="stop when this many optimizer steps in a row had a non-finite loss or gradient",
     )
@@ -226,11 +206,11 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("checkpoints (full training state) and saved models")
     g.add_argument(
         "--checkpointing_steps",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         help="write <output_dir>/checkpoints/step-<N>/ every N optimizer steps (0 = only at the end and on signals)",
     )
-    g.add_argument("--checkpoints_total_limit", type=_positive_int, default=None, help="keep only the newest K")
+    g.add_argument("--checkpoints_total_limit", type=positive_int, default=None, help="keep only the newest K")
     g.add_argument(
         "--resume_from_checkpoint",
         "--load_saved_state",
@@ -243,8 +223,8 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also write a checkpoint whenever a model is saved (the original's flag)",
     )
-    g.add_argument("--save_model_every_n_epochs", type=_positive_int, default=10, help="save a pipeline every N epochs")
-    g.add_argument("--start_save_model_epoch", type=_non_negative_int, default=0, help="first epoch that may be saved")
+    g.add_argument("--save_model_every_n_epochs", type=positive_int, default=10, help="save a pipeline every N epochs")
+    g.add_argument("--start_save_model_epoch", type=non_negative_int, default=0, help="first epoch that may be saved")
     g.add_argument(
         "--save_final_model",
         action=argparse.BooleanOptionalAction,
@@ -266,10 +246,10 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
 def _add_validation_loss_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("validation loss (a deterministic hold-out)")
     g.add_argument("--validation_loss", action="store_true", help="hold out items and report their loss")
-    g.add_argument("--validation_loss_percent", type=_fraction, default=0.10, help="fraction of the items held out")
+    g.add_argument("--validation_loss_percent", type=fraction, default=0.10, help="fraction of the items held out")
     g.add_argument(
         "--validation_loss_every_n_epochs",
-        type=_positive_int,
+        type=positive_int,
         default=10,
         help="validation loss at epoch 0 (base model) and every N epochs",
     )
