@@ -39,21 +39,29 @@ from bench_levers import CEILING_IMAGES_PER_S, SDXL_UNET_CONFIG  # noqa: E402
 BUCKETS_WH = [(1024, 1024), (832, 1216), (1216, 832), (896, 1152)]
 CEILING = CEILING_IMAGES_PER_S
 
-# name -> extra trainer flags; every configuration also gets --train_batch_size from "batch".
+EAGER = ["--compile", "none"]
+
+# name -> extra trainer flags; every configuration also gets --train_batch_size from "batch". Rows are eager
+# unless their name says compile; default_B8 is the trainer's defaults (--compile auto: transformers on one GPU).
 CONFIGS = {
     "default_B8": dict(batch=8, flags=[]),
-    "adamw_B8": dict(batch=8, flags=["--optimizer", "adamw"]),
-    "adamw_nockpt_B8": dict(batch=8, flags=["--optimizer", "adamw", "--no_gradient_checkpointing"]),
-    "adamw8bit_nockpt_B8": dict(batch=8, flags=["--optimizer", "adamw8bit", "--no_gradient_checkpointing"]),
+    "default_eager_B8": dict(batch=8, flags=EAGER),
+    "adamw_B8": dict(batch=8, flags=["--optimizer", "adamw", *EAGER]),
+    "adamw_nockpt_B8": dict(batch=8, flags=["--optimizer", "adamw", "--no_gradient_checkpointing", *EAGER]),
+    "adamw8bit_nockpt_B8": dict(batch=8, flags=["--optimizer", "adamw8bit", "--no_gradient_checkpointing", *EAGER]),
     # One GPU through FSDP2 instead of the flat one-process layout (what --sharding auto chose before).
     "adamw_nockpt_fsdp_B8": dict(
-        batch=8, flags=["--optimizer", "adamw", "--no_gradient_checkpointing", "--sharding", "full_shard"]
+        batch=8, flags=["--optimizer", "adamw", "--no_gradient_checkpointing", "--sharding", "full_shard", *EAGER]
     ),
-    "adamw_nockpt_B12": dict(batch=12, flags=["--optimizer", "adamw", "--no_gradient_checkpointing"]),
-    "adamw8bit_nockpt_B12": dict(batch=12, flags=["--optimizer", "adamw8bit", "--no_gradient_checkpointing"]),
-    "adamw8bit_ckpt_B32": dict(batch=32, flags=["--optimizer", "adamw8bit", "--gradient_checkpointing"]),
-    # Regional torch.compile (the first steps compile; spatial sizes are dynamic, so the 4 buckets share graphs).
+    "adamw_nockpt_B12": dict(batch=12, flags=["--optimizer", "adamw", "--no_gradient_checkpointing", *EAGER]),
+    "adamw8bit_nockpt_B12": dict(batch=12, flags=["--optimizer", "adamw8bit", "--no_gradient_checkpointing", *EAGER]),
+    "adamw8bit_ckpt_B32": dict(batch=32, flags=["--optimizer", "adamw8bit", "--gradient_checkpointing", *EAGER]),
+    # Regional torch.compile (the first step compiles; spatial sizes are dynamic, so the 4 buckets share graphs).
+    "default_compile_transformers_B8": dict(batch=8, flags=["--compile", "transformers"]),
     "default_compile_B8": dict(batch=8, flags=["--compile", "blocks"]),
+    "adamw_nockpt_compile_transformers_B12": dict(
+        batch=12, flags=["--optimizer", "adamw", "--no_gradient_checkpointing", "--compile", "transformers"]
+    ),
     "adamw_nockpt_compile_B12": dict(
         batch=12, flags=["--optimizer", "adamw", "--no_gradient_checkpointing", "--compile", "blocks"]
     ),
@@ -186,10 +194,9 @@ def run_trainer(
             skipped_steps=summary["skipped_steps"],
             seconds_to_first_step=round(step_end_times[0] - started, 1),  # model loading, and compiling
         )
-        if "--compile" in result["flags"]:
-            from torch._dynamo.utils import counters
+        from torch._dynamo.utils import counters
 
-            result["compiled_graphs"] = counters["stats"]["unique_graphs"]
+        result["compiled_graphs"] = counters["stats"]["unique_graphs"]  # --compile (auto may pick none)
     except Exception as exc:  # noqa: BLE001 - an out-of-memory configuration is a result
         result["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     finally:

@@ -8,6 +8,8 @@ LayerNorm, residual adds) live inside the blocks anyway.
 
 from __future__ import annotations
 
+import shutil
+
 import torch
 
 # Class names (as diffusers spells them) compiled by each --compile choice.
@@ -19,9 +21,23 @@ REGIONS = {
     "stages": ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"),
 }
 
+CHOICES = ("auto", *REGIONS)
+
 # A compiled block recompiles for every distinct input shape it meets: SDXL has 12 resnet shapes per bucket and
 # dynamo gives up (falls back to eager) after 8 by default.
 RECOMPILE_LIMIT = 256
+
+
+def resolve_choice(choice: str, device_type: str, sharding: str) -> str:
+    """`auto` is what measured faster (README, Performance): the transformer blocks on one GPU without FSDP
+    (+10 % for the default recipe; they hold no convolutions, so new bucket shapes never recompile), eager
+    under FSDP2 (regional compilation measured slower there) and on CPU (Inductor's C++ compile costs
+    minutes, no measured gain). Triton builds its launchers with the system C compiler: without one, eager."""
+    if choice != "auto":
+        return choice
+    if device_type == "cuda" and sharding == "none" and (shutil.which("cc") or shutil.which("gcc")):
+        return "transformers"
+    return "none"
 
 
 def compile_regions(model: torch.nn.Module, choice: str, dynamic: bool | None = None, backend: str = "inductor") -> int:

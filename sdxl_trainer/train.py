@@ -149,6 +149,7 @@ def setup(args: argparse.Namespace) -> Trainer:
         shards = parallel.verify_sharding(unet, mesh, args.sharding)  # refuses to train if sharding is not in effect
         optimizer = optim.build_optimizer(args, list(unet.parameters()))
     # Lazy: each block compiles at its first forward; dynamic spatial sizes let the buckets share graphs.
+    args.compile = compiling.resolve_choice(args.compile, info.device.type, args.sharding)
     compiled_modules = compiling.compile_regions(unet, args.compile, dynamic=True)
     lr_scheduler = lr_schedule.build_lr_scheduler(args, optimizer.inner, td.total_steps)
     scaler = None

@@ -29,7 +29,7 @@ LR_SCHEDULERS = (
 OPTIMIZERS = ("adamw8bit", "adamw", "adafactor", "lion8bit")
 SHARDING = ("auto", "none", "full_shard", "shard_grad_op", "no_shard", "hybrid_shard")
 MIXED_PRECISION = ("bf16", "fp16", "no")
-DEFAULT_COMPILE = "none"  # --compile: eager until GPU measurements (bench/) show what compiling gains
+DEFAULT_COMPILE = "auto"  # --compile: transformers on one GPU without FSDP, else none (compiling.resolve_choice)
 DEFAULT_SEED = 123  # the original's fallback seed: an unseeded run is still reproducible
 DEFAULT_WARMUP_FRACTION = 0.02
 
@@ -122,11 +122,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                    help=argparse.SUPPRESS)  # fmt: skip
     g.add_argument(
         "--compile",
-        choices=list(compiling.REGIONS),
+        choices=compiling.CHOICES,
         default=DEFAULT_COMPILE,
-        help="regional torch.compile (Inductor) of the UNet's repeated blocks: compiled once per block shape at the "
-        "start, spatial sizes dynamic so that new aspect-ratio buckets do not recompile; 'none' runs eager "
-        f"(default {DEFAULT_COMPILE})",
+        help="regional torch.compile (Inductor) of the UNet's repeated blocks: compiled once per block shape in the "
+        "first step, spatial sizes dynamic so that new aspect-ratio buckets reuse the graphs; 'none' runs eager; "
+        f"auto: transformers on one GPU without FSDP, else none (default {DEFAULT_COMPILE})",
     )
     g.add_argument(
         "--cpu_offload",

@@ -65,3 +65,18 @@ def test_none_compiles_nothing(tiny_model_dir):
     _loss_and_grads(unet, 8, 8)
     assert counters["stats"]["unique_graphs"] == before
     assert all(m._compiled_call_impl is None for m in unet.modules())
+
+
+@pytest.mark.parametrize(
+    ("device_type", "sharding", "compiler", "expected"),
+    [
+        ("cuda", "none", "/usr/bin/cc", "transformers"),  # measured +10 % for the default recipe on one H200
+        ("cuda", "full_shard", "/usr/bin/cc", "none"),  # regional compilation measured slower under FSDP2
+        ("cpu", "none", "/usr/bin/cc", "none"),  # Inductor's C++ compile: minutes, no measured gain
+        ("cuda", "none", None, "none"),  # Triton cannot build its launchers without a C compiler
+    ],
+)
+def test_auto_compiles_only_where_it_measured_faster(monkeypatch, device_type, sharding, compiler, expected):
+    monkeypatch.setattr(compiling.shutil, "which", lambda name: compiler)
+    assert compiling.resolve_choice("auto", device_type, sharding) == expected
+    assert compiling.resolve_choice("blocks", device_type, sharding) == "blocks"  # an explicit choice stands
