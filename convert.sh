@@ -10,6 +10,6 @@ PYTHON="${PYTHON:-venv/bin/python}"
 MODEL_PATH="${MODEL_PATH:-outputs/models/tiny-sdxl}"
 CHECKPOINT_PATH="${CHECKPOINT_PATH:-outputs/models/tiny-sdxl.safetensors}"
 if [ "$MODEL_PATH" = "outputs/models/tiny-sdxl" ] && [ ! -f "$MODEL_PATH/model_index.json" ]; then
-  "$PYTHON" -m sdxl_trainer.tiny_model --output "$MODEL_PATH"
+  "$PYTHON" -m sdxl_trainer.models.tiny --output "$MODEL_PATH"
 fi
 "$PYTHON" convert_diffusers_to_original_sdxl.py --model_path "$MODEL_PATH" --checkpoint_path "$CHECKPOINT_PATH" "$@"

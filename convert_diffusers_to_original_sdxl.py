@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sdxl_trainer.convert import DTYPES, ConversionError, save_single_file
+from sdxl_trainer.models.single_file import DTYPES, save_single_file
+from sdxl_trainer.models.single_file_keys import ConversionError
 
 
 def build_parser() -> argparse.ArgumentParser:

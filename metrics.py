@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from sdxl_trainer import folder_metrics
+from sdxl_trainer.evaluation import folder_metrics
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,10 +17,10 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from sdxl_trainer import train, train_args
+    from sdxl_trainer.training import loop, train_args
 
     args = train_args.parse_args(argv, description=__doc__)
-    summary = train.main(args)
+    summary = loop.main(args)
     return 0 if summary.get("completed") or summary.get("stopped_by_signal") else 1
 
 

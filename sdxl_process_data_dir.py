@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import sys
 
-from sdxl_trainer.caching_args import parse_args
+from sdxl_trainer.caching.caching_args import parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, description=__doc__)
-    from sdxl_trainer.caching import CachingError, run_caching
+    from sdxl_trainer.caching.run import CachingError, run_caching
 
     try:
         run_caching(args)

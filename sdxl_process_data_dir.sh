@@ -17,7 +17,7 @@ MAX_RESOLUTION=${MAX_RESOLUTION:-1024}
 NUM_PROCESSES=${NUM_PROCESSES:-1}
 
 if [[ "$MODEL" == "models/tiny-sdxl" && ! -d "$MODEL" ]]; then
-    "$PYTHON" -m sdxl_trainer.tiny_model --output "$MODEL"
+    "$PYTHON" -m sdxl_trainer.models.tiny --output "$MODEL"
 fi
 
 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NUM_PROCESSES" sdxl_process_data_dir.py \

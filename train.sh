@@ -27,7 +27,7 @@ else
 fi
 
 if [[ "$MODEL" == "models/tiny-sdxl" && ! -d "$MODEL" ]]; then
-    "$PYTHON" -m sdxl_trainer.tiny_model --output "$MODEL"
+    "$PYTHON" -m sdxl_trainer.models.tiny --output "$MODEL"
 fi
 # Caching is incremental: unchanged images are reused, so this is quick on a second run.
 DATA_DIR="$DATA_DIR" CACHE_DIR="$CACHE_DIR" MODEL="$MODEL" PYTHON="$PYTHON" ./sdxl_process_data_dir.sh

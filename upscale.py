@@ -14,7 +14,9 @@ import sys
 
 import torch
 
-from sdxl_trainer.upscale import OUTPUT_FORMATS, Upscaler, UpscalerError, upscale_files
+from sdxl_trainer.upscaling.folders import OUTPUT_FORMATS, upscale_files
+from sdxl_trainer.upscaling.model_files import UpscalerError
+from sdxl_trainer.upscaling.upscaler import Upscaler
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

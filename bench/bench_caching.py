@@ -4,7 +4,7 @@ Writes N random-content JPEGs at 1024x1024 into a temporary folder, builds a ful
 VAE and both SDXL text encoders (CLIP ViT-L/14 text tower; OpenCLIP bigG text tower with its 1280-d
 projection) as a diffusers folder, with a tokenizer built locally from CLIP's real BPE merges (nothing is
 downloaded), then for each configuration:
-  * runs the real caching function (sdxl_trainer.caching.run_caching: decode in DataLoader workers, batched
+  * runs the real caching function (sdxl_trainer.caching.run.run_caching: decode in DataLoader workers, batched
     GPU encoding, atomic writes) over the folder into a fresh cache, and
   * times the same models on pre-made GPU tensors (VAE encode of a (B, 3, 1024, 1024) batch + both text
     encoders on B captions), which is the ceiling for the caching step.
@@ -30,10 +30,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdxl_trainer import models  # noqa: E402
-from sdxl_trainer.caching import run_caching  # noqa: E402
-from sdxl_trainer.caching_args import CachingArgs  # noqa: E402
-from sdxl_trainer.tiny_model import _clip_bpe_merges, write_clip_tokenizer_files  # noqa: E402
+from sdxl_trainer.caching.caching_args import CachingArgs  # noqa: E402
+from sdxl_trainer.caching.run import run_caching  # noqa: E402
+from sdxl_trainer.models import loading  # noqa: E402
+from sdxl_trainer.models.tiny import _clip_bpe_merges, write_clip_tokenizer_files  # noqa: E402
 
 CLIP_MERGES = 48894  # CLIP's BPE: 256 bytes x2 + 48894 merges + 2 special tokens = 49408 tokens
 
@@ -99,8 +99,8 @@ def write_images(folder: Path, count: int, size_px: int) -> None:
 @torch.inference_mode()
 def encode_only_rate(model_dir: Path, device: torch.device, batch: int, size_px: int, steps: int, dtype) -> float:
     """Images/s of VAE encode + both text encoders on pre-made device tensors (no data loading, no writing)."""
-    vae = models.load_vae(str(model_dir)).to(device).eval()
-    text = models.load_text_encoders(str(model_dir))
+    vae = loading.load_vae(str(model_dir)).to(device).eval()
+    text = loading.load_text_encoders(str(model_dir))
     te1, te2 = text.text_encoder.to(device).eval(), text.text_encoder_2.to(device).eval()
     x = torch.rand(batch, 3, size_px, size_px, device=device) * 2 - 1
     ids = text.tokenizer(["a random picture, colourful gradient with noise"] * batch, padding="max_length",

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sdxl_trainer import sdxl_shapes as shapes  # noqa: E402
+from sdxl_trainer.models import shapes  # noqa: E402
 
 CEILING_IMAGES_PER_S = 38.5  # performance.md: 20.62 TFLOP per image at the measured 793 TFLOP/s bf16 matmul rate
 
@@ -94,7 +94,7 @@ def build_unet(
     if checkpointing:
         unet.enable_gradient_checkpointing()
     if compile_blocks and compile_blocks != "whole":
-        from sdxl_trainer.compiling import compile_regions
+        from sdxl_trainer.training.compiling import compile_regions
 
         compile_regions(unet, compile_blocks, dynamic=compile_dynamic)
     if channels_last:

@@ -1,6 +1,6 @@
 """Training throughput of the project's own trainer on one GPU, against the original trainer's recipe.
 
-What runs: `sdxl_fsdp_train.py`'s own code path (`sdxl_trainer.train.main`): the cache reader and DataLoader
+What runs: `sdxl_fsdp_train.py`'s own code path (`sdxl_trainer.training.loop.main`): the cache reader and DataLoader
 over a cache of random full-size items (1024-px buckets of several aspect ratios), the sharding (--sharding auto:
 the flat one-process layout on one GPU, FSDP2 on several), the real
 step (noise, time ids, loss, clipping, optimizer, LR schedule), logging to TensorBoard and the progress bar.
@@ -99,7 +99,7 @@ def write_cache(
 ) -> None:
     """Random items: latents (4, H/8, W/8), 77 x context_dim, pooled_dim, in fp16 like the real cache (SDXL:
     2048 and 1280)."""
-    from sdxl_trainer.cache import CacheWriter
+    from sdxl_trainer.data.cache_writer import CacheWriter
 
     if (folder / "cache.json").exists():
         return
@@ -132,8 +132,8 @@ def run_trainer(
     extra_flags: tuple[str, ...] = (),
 ) -> dict:
     """Child process: run the trainer and time its steady-state optimizer steps."""
-    from sdxl_trainer import train
-    from sdxl_trainer.train_args import parse_args
+    from sdxl_trainer.training import loop, step
+    from sdxl_trainer.training.train_args import parse_args
 
     flags = OFFLOAD_FLAGS if name.startswith("offload") else MEMORY_FLAGS
     cfg = CONFIGS.get(name) or dict(batch=int(name.rsplit("_B", 1)[1]), flags=flags)
@@ -145,7 +145,7 @@ def run_trainer(
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(memory_cap_gib * 2**30 / total, device)
     step_end_times: list[float] = []
-    original_step = train.train_step
+    original_step = step.train_step
 
     profile_out = os.environ.get("BENCH_PROFILE")  # a file: profile three steady-state steps into it
     profiler = None
@@ -166,7 +166,7 @@ def run_trainer(
             profiler = None
         return result
 
-    train.train_step = timed_step
+    step.train_step = timed_step
     out = work / "runs" / name
     argv = [
         "--pretrained_model_name_or_path", str(work / "model"), "--cached_dataset_dirs", str(work / "cache"),
@@ -183,7 +183,7 @@ def run_trainer(
     result = dict(name=name, batch=cfg["batch"], gpus=world, flags=" ".join([*cfg["flags"], *extra_flags]))
     started = time.perf_counter()
     try:
-        summary = train.main(parse_args(argv))
+        summary = loop.main(parse_args(argv))
         span = step_end_times[-1] - step_end_times[warmup_steps - 1]
         images_per_s = cfg["batch"] * world * (len(step_end_times) - warmup_steps) / span
         result.update(
@@ -252,7 +252,7 @@ def main() -> None:
     common = ["--warmup_steps", str(args.warmup_steps), "--timed_steps", str(args.timed_steps), "--work_dir", str(work),
               "--sharding", args.sharding]  # fmt: skip
     if args.smoke:
-        from sdxl_trainer.tiny_model import TE2_PROJECTION, save_tiny_sdxl_pipeline
+        from sdxl_trainer.models.tiny import TE2_PROJECTION, save_tiny_sdxl_pipeline
 
         if not (work / "model").exists():
             save_tiny_sdxl_pipeline(work / "model")

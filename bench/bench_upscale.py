@@ -1,7 +1,7 @@
 """Upscaling throughput: images/s for 512 px -> 1024 px with a random-weight RealESRGAN_x4plus-shaped network.
 
 The network is the real x4plus shape (RRDBNet, 64 filters, 23 blocks, 16.7 M parameters) with random weights,
-saved as a .pth in the release key layout and loaded through sdxl_trainer.upscale.Upscaler, exactly as
+saved as a .pth in the release key layout and loaded through sdxl_trainer.upscaling.upscaler.Upscaler, exactly as
 caching and upscale.py load it. It runs at its native x4 (512 -> 2048), then PIL Lanczos shrinks to 1024: the
 work caching does for a 512 px image headed for a 1024 bucket. Configurations: fp32 / fp16, whole image / tiled,
 one or several images per network call. One JSON line per configuration:
@@ -30,7 +30,9 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 from upscale_fixtures import esrgan_state_dict, save_weights  # noqa: E402
 
-from sdxl_trainer.upscale import Upscaler, clear_model_cache, pil_to_tensor  # noqa: E402
+from sdxl_trainer.upscaling.model_files import clear_model_cache  # noqa: E402
+from sdxl_trainer.upscaling.tiles import pil_to_tensor  # noqa: E402
+from sdxl_trainer.upscaling.upscaler import Upscaler  # noqa: E402
 
 # (name, half, tile_px, batch_size)
 GPU_CONFIGS = [

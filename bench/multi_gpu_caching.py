@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_caching import build_models, write_images  # noqa: E402
 
-from sdxl_trainer.cache import open_dataset_cache  # noqa: E402
+from sdxl_trainer.data.cache_reader import open_dataset_cache  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

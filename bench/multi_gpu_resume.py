@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import write_cache  # noqa: E402
 
-from sdxl_trainer.tiny_model import TE1_HIDDEN, TE2_HIDDEN, TE2_PROJECTION, save_tiny_sdxl_pipeline  # noqa: E402
+from sdxl_trainer.models.tiny import TE1_HIDDEN, TE2_HIDDEN, TE2_PROJECTION, save_tiny_sdxl_pipeline  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

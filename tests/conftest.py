@@ -26,6 +26,6 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random-weight SDXL-shaped diffusers folder (seed 0)."""
-    from sdxl_trainer.tiny_model import save_tiny_sdxl_pipeline
+    from sdxl_trainer.models.tiny import save_tiny_sdxl_pipeline
 
     return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)

@@ -113,7 +113,7 @@ class TinyFeatures(torch.nn.Module):
 
 def make_validation_items(root: Path, count: int, buckets=((64, 64), (64, 48)), seed: int = 0) -> list:
     """Random images with captions in `root` and their CacheItems (bucket sizes alternate)."""
-    from sdxl_trainer.cache import CacheItem
+    from sdxl_trainer.data.cache_format import CacheItem
 
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -156,8 +156,8 @@ def write_handoff(model_dir: Path, path: Path, perturb: float = 0.0) -> Path:
 
 
 def eval_args(*argv: str) -> argparse.Namespace:
-    from sdxl_trainer import evaluation
+    from sdxl_trainer.evaluation import eval_args
 
     parser = argparse.ArgumentParser()
-    evaluation.add_evaluation_args(parser)
+    eval_args.add_evaluation_args(parser)
     return parser.parse_args(list(argv))

@@ -20,8 +20,9 @@ def run(config: dict, rank: int, world_size: int) -> dict:
     import torch
     from eval_fixtures import TinyFeatures, eval_args
 
-    from sdxl_trainer import evaluation, sampling
-    from sdxl_trainer.cache import CacheItem
+    from sdxl_trainer.data.cache_format import CacheItem
+    from sdxl_trainer.evaluation import sampling
+    from sdxl_trainer.evaluation.evaluator import Evaluator
 
     open_clip.add_model_config(Path(config["hps_config"]))
     items = [CacheItem.from_record(r) for r in config["items"]]
@@ -48,7 +49,7 @@ def run(config: dict, rank: int, world_size: int) -> dict:
             "--metrics_hps_checkpoint", config["hps_checkpoint"],
             "--metrics_hps_model", "tiny-hps-test",
         )  # fmt: skip
-        evaluator = evaluation.Evaluator(
+        evaluator = Evaluator(
             args, out, config["model_dir"], ["a caption"], items, Path(config["data_dir"]), rank, world_size,
             torch.device("cpu"), weight_dtype=torch.float32, inception_extractor=TinyFeatures(),
             log=lambda line: None,

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from sdxl_trainer.buckets import buckets_for_key, category_key, closest_bucket, cover_resize, plan_item
+from sdxl_trainer.data.buckets import buckets_for_key, category_key, closest_bucket, cover_resize, plan_item
 
 # §2.6: number of buckets per key, 256..2048.
 SEED_BUCKET_COUNTS = dict(

@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sdxl_trainer import cache as C
-from sdxl_trainer import models
-from sdxl_trainer.caching import run_caching
-from sdxl_trainer.caching_args import CachingArgs, CachingArgsError
+from sdxl_trainer.caching.caching_args import CachingArgs, CachingArgsError
+from sdxl_trainer.caching.run import run_caching
+from sdxl_trainer.data import cache_format, cache_reader
+from sdxl_trainer.models import loading
 
 GOOD = {  # relpath: (width, height, caption or None)
     "solid.png": (128, 128, "a flat orange square"),
@@ -83,8 +83,8 @@ def no_models(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(models, "load_vae", refuse)
-    monkeypatch.setattr(models, "load_text_encoders", refuse)
+    monkeypatch.setattr(loading, "load_vae", refuse)
+    monkeypatch.setattr(loading, "load_text_encoders", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_missing_data_folder_and_cache_inside_data_are_refused(tmp_path, capsys)
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
-    from sdxl_trainer.caching import CachingError
+    from sdxl_trainer.caching.run import CachingError
 
     data = make_data(tmp_path / "data")
     with pytest.raises(CachingArgsError, match="--pretrained_model_name_or_path"):
@@ -167,8 +167,8 @@ def test_report_lists_buckets_and_every_skipped_file(baseline):
 def test_cached_tensors_match_the_reference_encoders(baseline, tiny_model_dir):
     from diffusers import StableDiffusionXLPipeline
 
-    ds = C.open_dataset_cache(baseline["root"])
-    assert [i.image_relpath for i in ds.items] == sorted(GOOD, key=C.item_key)
+    ds = cache_reader.open_dataset_cache(baseline["root"])
+    assert [i.image_relpath for i in ds.items] == sorted(GOOD, key=cache_format.item_key)
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir, local_files_only=True)
     by_path = {i.image_relpath: i for i in ds.items}
     for rel, (_, _, caption) in GOOD.items():
@@ -210,7 +210,7 @@ def test_second_run_does_no_work_and_loads_no_model(baseline, tmp_path, no_model
     report = run_caching(make_args(data, cache, moved_model))
     assert report["encoded"] == 0 and report["reused"] == len(GOOD)
     assert item_files(cache / "ds") == before
-    assert len(C.open_dataset_cache(cache / "ds").items) == len(GOOD)
+    assert len(cache_reader.open_dataset_cache(cache / "ds").items) == len(GOOD)
 
 
 def test_moved_cache_and_copied_data_are_reused(baseline, tmp_path, no_models, tiny_model_dir):
@@ -220,17 +220,17 @@ def test_moved_cache_and_copied_data_are_reused(baseline, tmp_path, no_models, t
     shutil.copytree(baseline["cache"], cache)
     report = run_caching(make_args(data, cache, tiny_model_dir))
     assert report["encoded"] == 0 and report["reused"] == len(GOOD)
-    ds = C.open_dataset_cache(cache / "ds")
+    ds = cache_reader.open_dataset_cache(cache / "ds")
     ds.load_item_tensors(ds.items[0])
 
 
 def test_edited_caption_reencodes_only_the_text(baseline, tmp_path, tiny_model_dir, monkeypatch):
     data, cache = copy_baseline(baseline, tmp_path)
     (data / "wide.txt").write_text("an edited caption", encoding="utf-8")
-    monkeypatch.setattr(models, "load_vae", lambda *a, **k: pytest.fail("the VAE was loaded"))
+    monkeypatch.setattr(loading, "load_vae", lambda *a, **k: pytest.fail("the VAE was loaded"))
     report = run_caching(make_args(data, cache, tiny_model_dir))
     assert report["encoded"] == 1
-    old_ds, new_ds = C.open_dataset_cache(baseline["root"]), C.open_dataset_cache(cache / "ds")
+    old_ds, new_ds = cache_reader.open_dataset_cache(baseline["root"]), cache_reader.open_dataset_cache(cache / "ds")
     old = {i.image_relpath: i for i in old_ds.items}["wide.jpg"]
     new = {i.image_relpath: i for i in new_ds.items}["wide.jpg"]
     assert new.caption == "an edited caption" and new.caption_sha256 != old.caption_sha256
@@ -244,7 +244,7 @@ def test_edited_image_is_reencoded_and_a_touched_file_is_not(baseline, tmp_path,
     os.utime(data / "solid.png")  # new mtime, same bytes
     monkeypatch_free = run_caching(make_args(data, cache, tiny_model_dir))
     assert monkeypatch_free["encoded"] == 1 and monkeypatch_free["reused"] == len(GOOD) - 1
-    old_ds, new_ds = C.open_dataset_cache(baseline["root"]), C.open_dataset_cache(cache / "ds")
+    old_ds, new_ds = cache_reader.open_dataset_cache(baseline["root"]), cache_reader.open_dataset_cache(cache / "ds")
     old = {i.image_relpath: i for i in old_ds.items}
     new = {i.image_relpath: i for i in new_ds.items}
     assert new["wide.jpg"].image_sha256 != old["wide.jpg"].image_sha256
@@ -254,10 +254,10 @@ def test_edited_image_is_reencoded_and_a_touched_file_is_not(baseline, tmp_path,
 
 def test_changed_setting_recomputes_the_latents_it_affects(baseline, tmp_path, tiny_model_dir, monkeypatch):
     data, cache = copy_baseline(baseline, tmp_path)
-    monkeypatch.setattr(models, "load_text_encoders", lambda *a, **k: pytest.fail("text encoders were loaded"))
+    monkeypatch.setattr(loading, "load_text_encoders", lambda *a, **k: pytest.fail("text encoders were loaded"))
     report = run_caching(make_args(data, cache, tiny_model_dir, max_resolution=192))
     assert report["encoded"] == len(GOOD)
-    ds = C.open_dataset_cache(cache / "ds")
+    ds = cache_reader.open_dataset_cache(cache / "ds")
     assert ds.fingerprint["image"]["max_resolution"] == 192
     big = {i.image_relpath: i for i in ds.items}["big.png"]
     assert big.bucket_wh[0] * big.bucket_wh[1] > 128 * 128
@@ -268,7 +268,7 @@ def test_deleted_image_leaves_the_index(baseline, tmp_path, no_models, tiny_mode
     (data / "wide.jpg").unlink()
     report = run_caching(make_args(data, cache, tiny_model_dir))
     assert report["cached"] == len(GOOD) - 1
-    assert "wide.jpg" not in {i.image_relpath for i in C.open_dataset_cache(cache / "ds").items}
+    assert "wide.jpg" not in {i.image_relpath for i in cache_reader.open_dataset_cache(cache / "ds").items}
 
 
 def test_killed_run_resumes_and_completes_identically(baseline, tmp_path, tiny_model_dir):
@@ -277,8 +277,8 @@ def test_killed_run_resumes_and_completes_identically(baseline, tmp_path, tiny_m
     cache = tmp_path / "cache"
     with pytest.raises(KeyboardInterrupt):
         run_caching(make_args(data, cache, tiny_model_dir), stop_after=2)
-    with pytest.raises(C.CacheError, match="did not finish|not a dataset cache"):
-        C.open_dataset_cache(cache / "ds")
+    with pytest.raises(cache_format.CacheError, match="did not finish|not a dataset cache"):
+        cache_reader.open_dataset_cache(cache / "ds")
     written = item_files(cache / "ds")
     assert len(written) == 2
     (cache / "ds" / "items" / "00").mkdir(parents=True, exist_ok=True)
@@ -293,19 +293,19 @@ def test_shards_form_one_cache_equal_to_the_single_run(baseline, tmp_path, tiny_
     shutil.copytree(baseline["data"], data, symlinks=True)
     cache = tmp_path / "cache"
     first = run_caching(make_args(data, cache, tiny_model_dir, num_shards=2, shard_index=1))
-    with pytest.raises(C.CacheError, match=r"--shard_index \[0\]"):
-        C.open_dataset_cache(cache / "ds")
+    with pytest.raises(cache_format.CacheError, match=r"--shard_index \[0\]"):
+        cache_reader.open_dataset_cache(cache / "ds")
     second = run_caching(make_args(data, cache, tiny_model_dir, num_shards=2, shard_index=0))
     assert first["cached"] > 0 and second["cached"] > 0 and first["cached"] + second["cached"] == len(GOOD)
     assert item_files(cache / "ds") == item_files(baseline["root"])
-    ds = C.open_dataset_cache(cache / "ds")
-    assert [i.key for i in ds.items] == [i.key for i in C.open_dataset_cache(baseline["root"]).items]
+    ds = cache_reader.open_dataset_cache(cache / "ds")
+    assert [i.key for i in ds.items] == [i.key for i in cache_reader.open_dataset_cache(baseline["root"]).items]
     report = json.loads((cache / "ds" / "report.json").read_text())
     assert report["cached"] == len(GOOD) and len(report["skipped"]) == len(BAD) and report["shards"] == 2
 
 
 class FakeUpscaler:
-    """Stands in for sdxl_trainer.upscale.Upscaler: records calls, returns a recognisable image."""
+    """Stands in for sdxl_trainer.upscaling.upscaler.Upscaler: records calls, returns a recognisable image."""
 
     def __init__(self):
         self.calls: list[tuple[tuple[int, int], tuple[int, int]]] = []
@@ -331,7 +331,7 @@ def test_upscale_branch_goes_through_the_seam(tmp_path, tiny_model_dir):
     report = run_caching(args, upscaler_factory=lambda a, device: fake)
     assert snapshot(data) == before
     assert report["cached"] == 3 and report["buckets"]
-    items = {i.image_relpath: i for i in C.open_dataset_cache(tmp_path / "cache" / "ds").items}
+    items = {i.image_relpath: i for i in cache_reader.open_dataset_cache(tmp_path / "cache" / "ds").items}
     assert items["small.png"].upscaled and items["small.png"].original_size_hw == (100, 100)
     assert items["small.png"].bucket_wh == (192, 192)
     assert items["wide.png"].upscaled and items["wide.png"].bucket_wh == (256, 128)
@@ -349,13 +349,13 @@ def test_upscale_branch_goes_through_the_seam(tmp_path, tiny_model_dir):
 
 
 def _assert_caches_close(a_root: Path, b_root: Path, atol: float) -> None:
-    a, b = C.open_dataset_cache(a_root), C.open_dataset_cache(b_root)
+    a, b = cache_reader.open_dataset_cache(a_root), cache_reader.open_dataset_cache(b_root)
     assert [(i.key, i.bucket_wh, i.time_ids, i.caption) for i in a.items] == [
         (i.key, i.bucket_wh, i.time_ids, i.caption) for i in b.items
     ]
     for x, y in zip(a.items, b.items, strict=True):
         tx, ty = a.load_item_tensors(x), b.load_item_tensors(y)
-        for name in C.ITEM_TENSORS:
+        for name in cache_format.ITEM_TENSORS:
             torch.testing.assert_close(tx[name].float(), ty[name].float(), atol=atol, rtol=atol, msg=name)
 
 
@@ -370,7 +370,7 @@ def test_batched_encoding_matches_one_by_one(baseline, tmp_path, tiny_model_dir)
         (data / rel).with_suffix(".txt").write_text(f"new caption for {rel}", encoding="utf-8")
     report = run_caching(make_args(data, tmp_path / "cache", tiny_model_dir, batch_size=4), batch_on_cpu=True)
     assert report["encoded"] == 3
-    items = {i.image_relpath: i for i in C.open_dataset_cache(tmp_path / "cache" / "ds").items}
+    items = {i.image_relpath: i for i in cache_reader.open_dataset_cache(tmp_path / "cache" / "ds").items}
     assert items["big.png"].caption == "new caption for big.png"
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from test_caching import GOOD, item_files, make_args, make_data
 
-from sdxl_trainer import cache as C
-from sdxl_trainer.caching import run_caching
+from sdxl_trainer.caching.run import run_caching
+from sdxl_trainer.data import cache_reader
 
 
 def _free_port() -> int:
@@ -57,7 +57,7 @@ def test_two_processes_split_the_items_and_match_one_process(tmp_path, tiny_mode
         torch.set_num_threads(threads)
     two, one = item_files(tmp_path / "two" / "ds"), item_files(tmp_path / "one" / "ds")
     assert two == one  # byte-equal tensors and records: no item lost, none done twice
-    assert [i.key for i in C.open_dataset_cache(tmp_path / "two" / "ds").items] == sorted(
+    assert [i.key for i in cache_reader.open_dataset_cache(tmp_path / "two" / "ds").items] == sorted(
         one_key for one_key in (Path(p).stem for p in one)
     )
 
@@ -87,6 +87,6 @@ def test_killed_script_leaves_nothing_corrupt_and_resumes(tmp_path, tiny_model_d
     report = run_caching(make_args(data, cache, tiny_model_dir))
     assert report["cached"] == len(GOOD) + 16
     assert report["reused"] >= written - 1 and report["encoded"] <= len(GOOD) + 16 - (written - 1)
-    ds = C.open_dataset_cache(cache / "ds")
+    ds = cache_reader.open_dataset_cache(cache / "ds")
     for item in ds.items:  # every item file is whole and readable
         ds.load_item_tensors(item)

@@ -6,7 +6,7 @@ import importlib.util
 
 from PIL import Image
 
-from sdxl_trainer.images import discover_items
+from sdxl_trainer.data.images import discover_items
 
 
 def _load_generator(repo_root):

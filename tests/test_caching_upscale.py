@@ -10,10 +10,10 @@ import torch
 from PIL import Image, ImageFilter
 from upscale_fixtures import draw_face, esrgan_state_dict, save_weights, shared_gfpgan_file
 
-from sdxl_trainer import cache as C
-from sdxl_trainer import upscale
-from sdxl_trainer.caching import run_caching
-from sdxl_trainer.caching_args import CachingArgs
+from sdxl_trainer.caching.caching_args import CachingArgs
+from sdxl_trainer.caching.run import run_caching
+from sdxl_trainer.data import cache_reader
+from sdxl_trainer.upscaling import model_files, upscaler
 
 
 def _photo(width_px: int, height_px: int, seed: int) -> Image.Image:
@@ -32,14 +32,16 @@ def counted(monkeypatch):
     """Counts weights-file reads and upscale calls of the real Upscaler (nothing is replaced)."""
     # (each test writes its weights to a fresh path, so a network an earlier test loaded cannot hide a load here)
     counts = {"reads": [], "upscales": []}
-    real_read, real_upscale = upscale.read_state_dict, upscale.Upscaler.upscale
-    monkeypatch.setattr(upscale, "read_state_dict", lambda path: counts["reads"].append(path.name) or real_read(path))
+    real_read, real_upscale = model_files.read_state_dict, upscaler.Upscaler.upscale
+    monkeypatch.setattr(
+        model_files, "read_state_dict", lambda path: counts["reads"].append(path.name) or real_read(path)
+    )
 
     def spy(self, image, size_wh):
         counts["upscales"].append((image.size, tuple(size_wh)))
         return real_upscale(self, image, size_wh)
 
-    monkeypatch.setattr(upscale.Upscaler, "upscale", spy)
+    monkeypatch.setattr(upscaler.Upscaler, "upscale", spy)
     return counts
 
 
@@ -67,14 +69,14 @@ def test_caching_with_the_real_upscaler(tmp_path, tiny_model_dir, counted):
         save_upscale_samples=str(samples),
         num_workers=0,
     )
-    report = run_caching(args)  # no factory: the real sdxl_trainer.upscale.Upscaler
+    report = run_caching(args)  # no factory: the real sdxl_trainer.upscaling.upscaler.Upscaler
 
     assert report["cached"] == 4
     assert counted["reads"] == ["x4.pth"]  # the network was loaded once for the whole folder
     assert sorted(src for src, _ in counted["upscales"]) == [(64, 96), (100, 100), (150, 75)]
     assert _snapshot(data) == before  # nothing written into (or touched in) the dataset folder
 
-    items = {i.image_relpath: i for i in C.open_dataset_cache(tmp_path / "cache" / "ds").items}
+    items = {i.image_relpath: i for i in cache_reader.open_dataset_cache(tmp_path / "cache" / "ds").items}
     for name, true_hw in [("small.png", (100, 100)), ("tall.png", (96, 64)), ("wide.png", (75, 300))]:
         item = items[name]
         assert item.upscaled and item.original_size_hw == true_hw  # SDXL sees the pre-upscale size
@@ -88,7 +90,7 @@ def test_caching_with_the_real_upscaler(tmp_path, tiny_model_dir, counted):
     before_small = Image.open(samples / "small.png_org.jpg")
     after_small = Image.open(samples / "small.png_upscaled.jpg")
     assert before_small.size == (100, 100) and after_small.size == items["small.png"].bucket_wh
-    expected = upscale.Upscaler(str(weights)).upscale(Image.open(data / "small.png"), after_small.size)
+    expected = upscaler.Upscaler(str(weights)).upscale(Image.open(data / "small.png"), after_small.size)
     jpeg_error = np.abs(np.asarray(after_small, dtype=float) - np.asarray(expected, dtype=float)).mean()
     plain_error = np.abs(
         np.asarray(after_small, dtype=float)
@@ -121,11 +123,13 @@ def test_caching_with_gfpgan_faces(tmp_path, tmp_path_factory, tiny_model_dir):
     )
     run_caching(args)
     assert _snapshot(data) == before
-    item = C.open_dataset_cache(tmp_path / "cache" / "ds").items[0]
+    item = cache_reader.open_dataset_cache(tmp_path / "cache" / "ds").items[0]
     assert item.upscaled and item.original_size_hw == (128, 128) and item.bucket_wh == (256, 256)
     # the face in the cached "after" sample differs from the same upscale without GFPGAN
     after = np.asarray(Image.open(tmp_path / "samples" / "face.png_upscaled.jpg"), dtype=float)
-    no_faces = upscale.Upscaler(str(weights)).upscale(draw_face(128), (256, 256))
+    no_faces = upscaler.Upscaler(str(weights)).upscale(draw_face(128), (256, 256))
     face_diff = np.abs(after - np.asarray(no_faces, dtype=float))[90:170, 90:170].mean()
     assert face_diff > 10
-    assert torch.is_tensor(C.open_dataset_cache(tmp_path / "cache" / "ds").load_item_tensors(item)["latent_mean"])
+    assert torch.is_tensor(
+        cache_reader.open_dataset_cache(tmp_path / "cache" / "ds").load_item_tensors(item)["latent_mean"]
+    )

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdxl_trainer import checkpoint
+from sdxl_trainer.training import checkpoint
 
 
 def _fake(root, step: int, complete: bool = True):

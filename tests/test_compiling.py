@@ -10,7 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch._dynamo.utils import counters
 
-from sdxl_trainer import compiling
+from sdxl_trainer.training import compiling
 
 
 def _unet(model_dir) -> UNet2DConditionModel:

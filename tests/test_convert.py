@@ -11,9 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sdxl_trainer import __version__, models
-from sdxl_trainer import convert as cv
-from sdxl_trainer import sdxl_shapes as shapes
+from sdxl_trainer import __version__
+from sdxl_trainer.models import loading, shapes, single_file, single_file_keys
 
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -36,12 +35,12 @@ def sdxl_on_meta():
             "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_COMMON, **SDXL_TEXT_ENCODER_2)),
         }
     state_dicts = {name: m.state_dict() for name, m in modules.items()}
-    return modules, state_dicts, cv.convert_pipeline_state_dicts(**state_dicts)
+    return modules, state_dicts, single_file_keys.convert_pipeline_state_dicts(**state_dicts)
 
 
 @pytest.fixture(scope="module")
 def tiny_fp32_file(tiny_model_dir, tmp_path_factory) -> Path:
-    return cv.save_single_file(tiny_model_dir, tmp_path_factory.mktemp("single") / "tiny.safetensors", "fp32")
+    return single_file.save_single_file(tiny_model_dir, tmp_path_factory.mktemp("single") / "tiny.safetensors", "fp32")
 
 
 def _prefixed(ckpt: dict, prefix: str) -> dict:
@@ -95,14 +94,14 @@ def test_diffusers_maps_every_exported_unet_and_text_encoder_1_tensor_back_to_it
     modules, sds, ckpt = sdxl_on_meta
     back = convert_ldm_unet_checkpoint(ckpt, dict(modules["unet"].config))
     assert set(back) == set(sds["unet"])
-    assert len(back) == len(_prefixed(ckpt, cv.UNET_PREFIX))  # one to one: nothing left over
+    assert len(back) == len(_prefixed(ckpt, single_file_keys.UNET_PREFIX))  # one to one: nothing left over
     # Renames pass the very tensor objects through, so identity proves each one reached its own key.
     assert all(back[k] is sds["unet"][k] for k in back)
 
     back = convert_ldm_clip_checkpoint(ckpt)
     # transformers 5 saves CLIPTextModel without its text_model. wrapper; diffusers strips the prefix then.
     assert set(back) == {"text_model." + k for k in sds["text_encoder"]}
-    assert len(back) == len(_prefixed(ckpt, cv.TEXT_ENCODER_PREFIX))
+    assert len(back) == len(_prefixed(ckpt, single_file_keys.TEXT_ENCODER_PREFIX))
     assert all(back["text_model." + k] is v for k, v in sds["text_encoder"].items())
 
 
@@ -112,16 +111,16 @@ def test_diffusers_maps_every_exported_vae_and_text_encoder_2_tensor_back_with_i
     modules, sds, ckpt = sdxl_on_meta
     back = convert_ldm_vae_checkpoint(ckpt, dict(modules["vae"].config))
     assert set(back) == set(sds["vae"])
-    assert len(back) == len(_prefixed(ckpt, cv.VAE_PREFIX))
+    assert len(back) == len(_prefixed(ckpt, single_file_keys.VAE_PREFIX))
     assert all(back[k].shape == sds["vae"][k].shape for k in back)
 
     te2 = modules["text_encoder_2"]
-    back = convert_open_clip_checkpoint(te2, ckpt, prefix=cv.TEXT_ENCODER_2_PREFIX)
+    back = convert_open_clip_checkpoint(te2, ckpt, prefix=single_file_keys.TEXT_ENCODER_2_PREFIX)
     assert set(back) == set(sds["text_encoder_2"])
     assert all(back[k].shape == sds["text_encoder_2"][k].shape for k in back)
     # Every exported key is used: q/k/v come from one packed tensor per layer, all else one to one.
     packed = te2.config.num_hidden_layers * 2  # in_proj_weight and in_proj_bias per layer
-    assert len(back) == len(_prefixed(ckpt, cv.TEXT_ENCODER_2_PREFIX)) + 2 * packed
+    assert len(back) == len(_prefixed(ckpt, single_file_keys.TEXT_ENCODER_2_PREFIX)) + 2 * packed
 
 
 # ---- pure functions on small real tensors ------------------------------------------------------------------
@@ -129,11 +128,11 @@ def test_diffusers_maps_every_exported_vae_and_text_encoder_2_tensor_back_with_i
 
 def test_text_encoder_2_packs_q_k_v_in_that_order_and_transposes_the_projection():
     sd = {"text_projection.weight": torch.arange(6.0).reshape(2, 3)}
-    for i, name in enumerate(cv.QKV_ORDER):
+    for i, name in enumerate(single_file_keys.QKV_ORDER):
         sd[f"text_model.encoder.layers.0.self_attn.{name}.weight"] = torch.full((3, 3), float(i))
         sd[f"text_model.encoder.layers.0.self_attn.{name}.bias"] = torch.full((3,), float(i))
-    out = cv.convert_text_encoder_2_state_dict(sd)
-    p = cv.TEXT_ENCODER_2_PREFIX
+    out = single_file_keys.convert_text_encoder_2_state_dict(sd)
+    p = single_file_keys.TEXT_ENCODER_2_PREFIX
     assert torch.equal(
         out[p + "transformer.resblocks.0.attn.in_proj_weight"][:, 0], torch.tensor([0.0] * 3 + [1.0] * 3 + [2.0] * 3)
     )
@@ -143,15 +142,17 @@ def test_text_encoder_2_packs_q_k_v_in_that_order_and_transposes_the_projection(
     assert torch.equal(out[p + "text_projection"], sd["text_projection.weight"].T)
 
     del sd["text_model.encoder.layers.0.self_attn.v_proj.bias"]
-    with pytest.raises(cv.ConversionError, match="lacks v_proj bias"):
-        cv.convert_text_encoder_2_state_dict(sd)
+    with pytest.raises(single_file_keys.ConversionError, match="lacks v_proj bias"):
+        single_file_keys.convert_text_encoder_2_state_dict(sd)
 
 
 def test_text_encoder_1_gets_the_text_model_prefix_whichever_way_transformers_saved_it():
     w = torch.ones(2)
-    flat = cv.convert_text_encoder_state_dict({"final_layer_norm.weight": w, "embeddings.position_ids": w})
-    wrapped = cv.convert_text_encoder_state_dict({"text_model.final_layer_norm.weight": w})
-    assert flat == wrapped == {cv.TEXT_ENCODER_PREFIX + "text_model.final_layer_norm.weight": w}
+    flat = single_file_keys.convert_text_encoder_state_dict(
+        {"final_layer_norm.weight": w, "embeddings.position_ids": w}
+    )
+    wrapped = single_file_keys.convert_text_encoder_state_dict({"text_model.final_layer_norm.weight": w})
+    assert flat == wrapped == {single_file_keys.TEXT_ENCODER_PREFIX + "text_model.final_layer_norm.weight": w}
 
 
 def test_vae_attention_projections_become_1x1_convolutions():
@@ -160,7 +161,7 @@ def test_vae_attention_projections_become_1x1_convolutions():
         "encoder.mid_block.attentions.0.to_q.bias": torch.randn(4),
         "encoder.mid_block.attentions.0.group_norm.weight": torch.randn(4),
     }
-    out = cv.convert_vae_state_dict(sd)
+    out = single_file_keys.convert_vae_state_dict(sd)
     q = out["first_stage_model.encoder.mid.attn_1.q.weight"]
     assert q.shape == (4, 4, 1, 1) and torch.equal(q[:, :, 0, 0], sd["encoder.mid_block.attentions.0.to_q.weight"])
     assert out["first_stage_model.encoder.mid.attn_1.q.bias"].shape == (4,)
@@ -169,34 +170,36 @@ def test_vae_attention_projections_become_1x1_convolutions():
 
 def test_unknown_parameters_are_errors_not_silent_drops():
     unet = {"down_blocks.0.resnets.0.norm1.weight": torch.ones(1), "up_blocks.0.resnets.1.norm1.weight": torch.ones(1)}
-    assert "model.diffusion_model.output_blocks.1.0.in_layers.0.weight" in cv.convert_unet_state_dict(unet)
-    with pytest.raises(cv.ConversionError, match="lora_up"):
-        cv.convert_unet_state_dict({**unet, "down_blocks.0.resnets.0.lora_up.weight": torch.ones(1)})
-    with pytest.raises(cv.ConversionError, match="not an SDXL-shaped"):
-        cv.convert_vae_state_dict({"encoder.mystery.weight": torch.ones(1)})
-    with pytest.raises(cv.ConversionError, match="CLIPTextModel"):
-        cv.convert_text_encoder_state_dict({"vision_model.weight": torch.ones(1)})
+    assert "model.diffusion_model.output_blocks.1.0.in_layers.0.weight" in single_file_keys.convert_unet_state_dict(
+        unet
+    )
+    with pytest.raises(single_file_keys.ConversionError, match="lora_up"):
+        single_file_keys.convert_unet_state_dict({**unet, "down_blocks.0.resnets.0.lora_up.weight": torch.ones(1)})
+    with pytest.raises(single_file_keys.ConversionError, match="not an SDXL-shaped"):
+        single_file_keys.convert_vae_state_dict({"encoder.mystery.weight": torch.ones(1)})
+    with pytest.raises(single_file_keys.ConversionError, match="CLIPTextModel"):
+        single_file_keys.convert_text_encoder_state_dict({"vision_model.weight": torch.ones(1)})
 
 
 def test_dtype_names_are_parsed_and_bad_ones_name_the_flag():
-    assert cv.parse_dtype("half") == ("fp16", torch.float16)
-    assert cv.parse_dtype("torch.bfloat16") == ("bf16", torch.bfloat16)
-    assert cv.parse_dtype(torch.float32) == ("fp32", torch.float32)
-    with pytest.raises(cv.ConversionError, match="--dtype"):
-        cv.parse_dtype("int8")
+    assert single_file.parse_dtype("half") == ("fp16", torch.float16)
+    assert single_file.parse_dtype("torch.bfloat16") == ("bf16", torch.bfloat16)
+    assert single_file.parse_dtype(torch.float32) == ("fp32", torch.float32)
+    with pytest.raises(single_file_keys.ConversionError, match="--dtype"):
+        single_file.parse_dtype("int8")
 
 
 def test_weight_files_prefer_the_sharded_index_then_the_plain_file_over_variants(tmp_path):
     one = {"a": torch.zeros(1)}
     save_file(one, tmp_path / "model.fp16.safetensors")
-    assert cv.find_weight_files(tmp_path) == [tmp_path / "model.fp16.safetensors"]  # the only one
+    assert single_file.find_weight_files(tmp_path) == [tmp_path / "model.fp16.safetensors"]  # the only one
     save_file(one, tmp_path / "model.safetensors")
-    assert cv.find_weight_files(tmp_path) == [tmp_path / "model.safetensors"]
+    assert single_file.find_weight_files(tmp_path) == [tmp_path / "model.safetensors"]
     for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
         save_file(one, tmp_path / shard)
     weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    assert [f.name for f in cv.find_weight_files(tmp_path)] == sorted(weight_map.values())
+    assert [f.name for f in single_file.find_weight_files(tmp_path)] == sorted(weight_map.values())
 
 
 # ---- the round trip on the tiny pipeline ---------------------------------------------------------------------
@@ -234,9 +237,9 @@ def test_single_file_round_trips_every_tensor_and_the_image_exactly(tiny_model_d
 
 
 def test_fp16_export_is_fp16_throughout_and_carries_provenance(tiny_model_dir, tmp_path):
-    out = cv.save_single_file(tiny_model_dir, tmp_path / "tiny-fp16.safetensors", dtype="fp16")
-    ref = cv.convert_pipeline_state_dicts(
-        **{p: cv.load_part_state_dict(tiny_model_dir / p, torch.float32) for p in PARTS}
+    out = single_file.save_single_file(tiny_model_dir, tmp_path / "tiny-fp16.safetensors", dtype="fp16")
+    ref = single_file_keys.convert_pipeline_state_dicts(
+        **{p: single_file.load_part_state_dict(tiny_model_dir / p, torch.float32) for p in PARTS}
     )
     with safe_open(str(out), framework="pt") as f:
         assert set(f.keys()) == set(ref)
@@ -253,10 +256,10 @@ def test_fp16_export_is_fp16_throughout_and_carries_provenance(tiny_model_dir, t
 def test_existing_output_is_kept_unless_overwrite_and_no_temp_file_is_left(tiny_model_dir, tmp_path):
     out = tmp_path / "m.safetensors"
     out.write_bytes(b"keep me")
-    with pytest.raises(cv.ConversionError, match="--overwrite"):
-        cv.save_single_file(tiny_model_dir, out)
+    with pytest.raises(single_file_keys.ConversionError, match="--overwrite"):
+        single_file.save_single_file(tiny_model_dir, out)
     assert out.read_bytes() == b"keep me"
-    cv.save_single_file(tiny_model_dir, out, dtype="bf16", overwrite=True)
+    single_file.save_single_file(tiny_model_dir, out, dtype="bf16", overwrite=True)
     with safe_open(str(out), framework="pt") as f:
         assert f.metadata()["dtype"] == "bf16"
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
@@ -264,19 +267,19 @@ def test_existing_output_is_kept_unless_overwrite_and_no_temp_file_is_left(tiny_
 
 def test_folders_that_are_not_sdxl_pipelines_get_clear_errors(tiny_model_dir, tmp_path):
     out = tmp_path / "out.safetensors"
-    with pytest.raises(cv.ConversionError, match="--model_path: .* is not a folder"):
-        cv.save_single_file(tmp_path / "missing", out)
-    with pytest.raises(cv.ConversionError, match="no model_index.json"):
-        cv.save_single_file(tmp_path, out)
+    with pytest.raises(single_file_keys.ConversionError, match="--model_path: .* is not a folder"):
+        single_file.save_single_file(tmp_path / "missing", out)
+    with pytest.raises(single_file_keys.ConversionError, match="no model_index.json"):
+        single_file.save_single_file(tmp_path, out)
     sd15_like = tmp_path / "sd15"
     shutil.copytree(tiny_model_dir, sd15_like, ignore=shutil.ignore_patterns("*.safetensors"))
     index = json.loads((sd15_like / "model_index.json").read_text())
     index["text_encoder_2"] = [None, None]
     (sd15_like / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(cv.ConversionError, match="lacks text_encoder_2"):
-        cv.save_single_file(sd15_like, out)
-    with pytest.raises(cv.ConversionError, match="--checkpoint_path: .* must end in .safetensors"):
-        cv.save_single_file(tiny_model_dir, tmp_path / "out.ckpt")
+    with pytest.raises(single_file_keys.ConversionError, match="lacks text_encoder_2"):
+        single_file.save_single_file(sd15_like, out)
+    with pytest.raises(single_file_keys.ConversionError, match="--checkpoint_path: .* must end in .safetensors"):
+        single_file.save_single_file(tiny_model_dir, tmp_path / "out.ckpt")
     assert not out.exists()
 
 
@@ -304,48 +307,48 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def test_every_loader_reads_a_single_file_like_the_folder(tiny_model_dir, tiny_fp32_file):
     f, cfg = str(tiny_fp32_file), str(tiny_model_dir)
-    assert _same_weights(models.load_unet(f, single_file_config=cfg), models.load_unet(cfg))
-    assert _same_weights(models.load_vae(f, single_file_config=cfg), models.load_vae(cfg))
-    got, want = models.load_text_encoders(f, single_file_config=cfg), models.load_text_encoders(cfg)
+    assert _same_weights(loading.load_unet(f, single_file_config=cfg), loading.load_unet(cfg))
+    assert _same_weights(loading.load_vae(f, single_file_config=cfg), loading.load_vae(cfg))
+    got, want = loading.load_text_encoders(f, single_file_config=cfg), loading.load_text_encoders(cfg)
     assert _same_weights(got.text_encoder, want.text_encoder)
     assert _same_weights(got.text_encoder_2, want.text_encoder_2)
     assert got.tokenizer_2("a cat").input_ids == want.tokenizer_2("a cat").input_ids
-    assert models.load_noise_scheduler(f, single_file_config=cfg).config == models.load_noise_scheduler(cfg).config
-    models.set_single_file_config(cfg)  # the process-wide route: callers pass nothing
+    assert loading.load_noise_scheduler(f, single_file_config=cfg).config == loading.load_noise_scheduler(cfg).config
+    loading.set_single_file_config(cfg)  # the process-wide route: callers pass nothing
     try:
-        pipe = models.load_pipeline(f, torch_dtype=torch.float16)
+        pipe = loading.load_pipeline(f, torch_dtype=torch.float16)
     finally:
-        models.set_single_file_config(None)
+        loading.set_single_file_config(None)
     assert pipe.unet.dtype == torch.float16 and type(pipe).__name__ == "StableDiffusionXLPipeline"
     # What saving uses: the architecture without weights, and the pipeline around a given (trained) UNet.
-    assert models.load_unet_config(f, single_file_config=cfg) == models.load_unet_config(cfg)
-    assert models.load_pipeline(f, single_file_config=cfg, unet=pipe.unet).unet is pipe.unet
+    assert loading.load_unet_config(f, single_file_config=cfg) == loading.load_unet_config(cfg)
+    assert loading.load_pipeline(f, single_file_config=cfg, unet=pipe.unet).unet is pipe.unet
 
 
 def test_single_file_errors_name_the_flag_to_fix(tiny_model_dir, tiny_fp32_file, tmp_path):
     f, cfg = str(tiny_fp32_file), str(tiny_model_dir)
-    with pytest.raises(models.ModelLoadError, match="--single_file_config: --pretrained_model_name_or_path"):
-        models.load_unet(f)
-    with pytest.raises(models.ModelLoadError, match="--single_file_config: .*no model_index.json"):
-        models.check_model_args(f, str(tmp_path))
-    with pytest.raises(models.ModelLoadError, match="only used with a single-file"):
-        models.check_model_args(cfg, cfg)
-    models.check_model_args(f, cfg)  # the good pair passes
+    with pytest.raises(loading.ModelLoadError, match="--single_file_config: --pretrained_model_name_or_path"):
+        loading.load_unet(f)
+    with pytest.raises(loading.ModelLoadError, match="--single_file_config: .*no model_index.json"):
+        loading.check_model_args(f, str(tmp_path))
+    with pytest.raises(loading.ModelLoadError, match="only used with a single-file"):
+        loading.check_model_args(cfg, cfg)
+    loading.check_model_args(f, cfg)  # the good pair passes
     pickle = tmp_path / "model.ckpt"
     pickle.write_bytes(b"\x80")
-    with pytest.raises(models.ModelLoadError, match="not a .safetensors file"):
-        models.load_unet(str(pickle), single_file_config=cfg)
+    with pytest.raises(loading.ModelLoadError, match="not a .safetensors file"):
+        loading.load_unet(str(pickle), single_file_config=cfg)
     unet_only = tmp_path / "unet-only.safetensors"
     with safe_open(f, framework="pt") as src:
-        save_file({k: src.get_tensor(k) for k in src.keys() if k.startswith(cv.UNET_PREFIX)}, unet_only)  # noqa: SIM118
-    with pytest.raises(models.ModelLoadError, match="holds no VAE weights"):
-        models.load_vae(str(unet_only), single_file_config=cfg)
+        save_file({k: src.get_tensor(k) for k in src.keys() if k.startswith(single_file_keys.UNET_PREFIX)}, unet_only)  # noqa: SIM118
+    with pytest.raises(loading.ModelLoadError, match="holds no VAE weights"):
+        loading.load_vae(str(unet_only), single_file_config=cfg)
 
 
 def test_add_model_args_adds_the_config_flag():
     import argparse
 
     parser = argparse.ArgumentParser()
-    models.add_model_args(parser)
+    loading.add_model_args(parser)
     assert parser.parse_args(["--single_file_config", "base"]).single_file_config == "base"
     assert parser.parse_args([]).single_file_config is None

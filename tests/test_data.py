@@ -10,7 +10,7 @@ import pytest
 import torch
 from train_helpers import write_synthetic_cache
 
-from sdxl_trainer import data
+from sdxl_trainer.data import dataset, sampler
 
 
 def _buckets(sizes: dict[tuple[int, int], int]) -> list[tuple[int, int]]:
@@ -20,12 +20,12 @@ def _buckets(sizes: dict[tuple[int, int], int]) -> list[tuple[int, int]]:
 
 
 def _run_epochs(buckets, global_batch, acc, seed, epochs):
-    state = data.SamplerState()
+    state = sampler.SamplerState()
     plans = []
     for _ in range(epochs):
-        plan = data.plan_epoch(buckets, state.carried_in, state.deferred_in, global_batch, acc, seed, state.epoch)
+        plan = sampler.plan_epoch(buckets, state.carried_in, state.deferred_in, global_batch, acc, seed, state.epoch)
         plans.append(plan)
-        state = data.SamplerState(state.epoch + 1, 0, plan.leftovers, plan.deferred)
+        state = sampler.SamplerState(state.epoch + 1, 0, plan.leftovers, plan.deferred)
     return plans
 
 
@@ -56,7 +56,7 @@ def test_every_item_of_every_epoch_is_used_exactly_once_with_leftovers_carried(s
     used.update(s for b in last.deferred for s in b)
     # Each item of each epoch's permutation: exactly once, in a batch or still carried after the last epoch.
     assert used == Counter({(i, e): 1 for e in range(1, epochs + 1) for i in range(len(buckets))})
-    counts = data.epoch_step_counts(list(Counter(buckets).values()), global_batch, acc, epochs)
+    counts = sampler.epoch_step_counts(list(Counter(buckets).values()), global_batch, acc, epochs)
     assert counts == [len(p.batches) // acc for p in plans]
 
 
@@ -72,10 +72,10 @@ def test_leftovers_and_deferred_batches_come_first_in_the_next_epoch():
 
 def test_the_plan_depends_only_on_seed_and_epoch():
     buckets = _buckets({(64, 64): 13, (64, 96): 11})
-    a = data.plan_epoch(buckets, [], [], 4, 1, seed=5, epoch=3)
-    b = data.plan_epoch(list(buckets), [], [], 4, 1, seed=5, epoch=3)
-    c = data.plan_epoch(buckets, [], [], 4, 1, seed=6, epoch=3)
-    d = data.plan_epoch(buckets, [], [], 4, 1, seed=5, epoch=4)
+    a = sampler.plan_epoch(buckets, [], [], 4, 1, seed=5, epoch=3)
+    b = sampler.plan_epoch(list(buckets), [], [], 4, 1, seed=5, epoch=3)
+    c = sampler.plan_epoch(buckets, [], [], 4, 1, seed=6, epoch=3)
+    d = sampler.plan_epoch(buckets, [], [], 4, 1, seed=5, epoch=4)
     assert a.batches == b.batches and a.batches != c.batches and a.batches != d.batches
 
 
@@ -83,37 +83,37 @@ def test_the_plan_depends_only_on_seed_and_epoch():
 def test_rank_slices_cover_each_global_batch_exactly_once(world):
     per_rank = 3
     buckets = _buckets({(64, 64): 30, (64, 96): 17})
-    plan = data.plan_epoch(buckets, [], [], per_rank * world, 1, seed=2, epoch=1)
+    plan = sampler.plan_epoch(buckets, [], [], per_rank * world, 1, seed=2, epoch=1)
     for gb in plan.batches:
-        slices = [data.rank_slice(gb, r, per_rank) for r in range(world)]
+        slices = [sampler.rank_slice(gb, r, per_rank) for r in range(world)]
         assert all(len(s) == per_rank for s in slices)  # no rank waits for a batch another does not have
         assert sorted(s for sl in slices for s in sl) == sorted(gb)
 
 
 def test_validation_split_is_deterministic_order_independent_and_never_empty_or_everything():
     uids = [f"ds/{i:04d}" for i in range(200)]
-    a = data.split_validation(uids, 0.1, seed=3)
-    b = data.split_validation(list(reversed(uids)), 0.1, seed=3)
+    a = sampler.split_validation(uids, 0.1, seed=3)
+    b = sampler.split_validation(list(reversed(uids)), 0.1, seed=3)
     assert a == b and len(a) == 20
-    assert data.split_validation(uids, 0.1, seed=4) != a
-    assert len(data.split_validation(uids[:5], 0.01, seed=3)) == 1  # small data still validates (B18)
-    assert len(data.split_validation(uids[:3], 1.0, seed=3)) == 2
-    assert data.split_validation(uids[:1], 0.5, seed=3) == set()
-    assert data.split_validation(uids, 0.0, seed=3) == set()
+    assert sampler.split_validation(uids, 0.1, seed=4) != a
+    assert len(sampler.split_validation(uids[:5], 0.01, seed=3)) == 1  # small data still validates (B18)
+    assert len(sampler.split_validation(uids[:3], 1.0, seed=3)) == 2
+    assert sampler.split_validation(uids[:1], 0.5, seed=3) == set()
+    assert sampler.split_validation(uids, 0.0, seed=3) == set()
     # The smaller hold-out is a prefix of the larger one (validation images inside the validation-loss set).
-    assert data.split_validation(uids, 0.05, seed=3) <= a
+    assert sampler.split_validation(uids, 0.05, seed=3) <= a
 
 
 def test_small_buckets_are_reported_and_left_out(tmp_path):
     root = write_synthetic_cache(tmp_path / "c" / "ds", {(64, 64): 5, (64, 96): 2})
-    _, entries, _ = data.load_entries([root])
-    keep, notes = data.trainable_entries(entries, 4)
+    _, entries, _ = dataset.load_entries([root])
+    keep, notes = sampler.trainable_entries(entries, 4)
     assert len(keep) == 5 and len(notes) == 1 and "64x96" in notes[0]
 
 
 def test_validation_batches_pad_with_zero_weights_and_cover_every_item_once():
     buckets = [(64, 64)] * 5 + [(64, 96)] * 2
-    batches = data.validation_batches(buckets, 4)
+    batches = sampler.validation_batches(buckets, 4)
     assert all(len(b) == 4 for b in batches)
     weighted = Counter(i for b in batches for i, w in b if w == 1.0)
     assert weighted == Counter(range(7))
@@ -122,40 +122,40 @@ def test_validation_batches_pad_with_zero_weights_and_cover_every_item_once():
 
 def test_sampler_state_round_trips_through_json(tmp_path):
     root = write_synthetic_cache(tmp_path / "c" / "ds", {(64, 64): 6})
-    _, entries, _ = data.load_entries([root])
-    state = data.SamplerState(3, 4, [(1, 2), (5, 2)], [[(0, 2), (3, 2)]])
-    assert data.SamplerState.from_json(state.to_json(entries), entries) == state
-    with pytest.raises(data.DataError, match="--resume_from_checkpoint"):
-        data.SamplerState.from_json(state.to_json(entries), entries[:2])
+    _, entries, _ = dataset.load_entries([root])
+    state = sampler.SamplerState(3, 4, [(1, 2), (5, 2)], [[(0, 2), (3, 2)]])
+    assert sampler.SamplerState.from_json(state.to_json(entries), entries) == state
+    with pytest.raises(dataset.DataError, match="--resume_from_checkpoint"):
+        sampler.SamplerState.from_json(state.to_json(entries), entries[:2])
 
 
 def test_cache_roots_dataset_folders_and_list_files_resolve_to_dataset_caches(tmp_path):
     """The original found nothing when given the cache root (B15)."""
     a = write_synthetic_cache(tmp_path / "cache" / "a", {(64, 64): 2})
     b = write_synthetic_cache(tmp_path / "cache" / "b", {(64, 64): 2}, seed=1)
-    assert data.resolve_cache_paths([str(tmp_path / "cache")], []) == [a.resolve(), b.resolve()]
-    assert data.resolve_cache_paths([str(a)], []) == [a.resolve()]
-    assert data.resolve_cache_paths([], [str(b / "cache.json")]) == [b.resolve()]
-    with pytest.raises(data.DataError, match="--cached_dataset_lists"):
-        data.resolve_cache_paths([], [str(tmp_path / "missing.list")])
-    with pytest.raises(data.DataError, match="--cached_dataset_dirs.*no such"):
-        data.resolve_cache_paths([str(tmp_path / "empty")], [])
+    assert dataset.resolve_cache_paths([str(tmp_path / "cache")], []) == [a.resolve(), b.resolve()]
+    assert dataset.resolve_cache_paths([str(a)], []) == [a.resolve()]
+    assert dataset.resolve_cache_paths([], [str(b / "cache.json")]) == [b.resolve()]
+    with pytest.raises(dataset.DataError, match="--cached_dataset_lists"):
+        dataset.resolve_cache_paths([], [str(tmp_path / "missing.list")])
+    with pytest.raises(dataset.DataError, match="--cached_dataset_dirs.*no such"):
+        dataset.resolve_cache_paths([str(tmp_path / "empty")], [])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(data.DataError, match="--cached_dataset_dirs"):
-        data.resolve_cache_paths([str(tmp_path / "empty")], [])
+    with pytest.raises(dataset.DataError, match="--cached_dataset_dirs"):
+        dataset.resolve_cache_paths([str(tmp_path / "empty")], [])
 
 
 def test_two_datasets_with_the_same_relative_paths_stay_distinct(tmp_path):
     a = write_synthetic_cache(tmp_path / "cache" / "a", {(64, 64): 3})
     b = write_synthetic_cache(tmp_path / "cache" / "b", {(64, 64): 3}, seed=1)
-    _, entries, _ = data.load_entries([a, b])
+    _, entries, _ = dataset.load_entries([a, b])
     assert len({e.uid for e in entries}) == 6
     assert [e.uid for e in entries] == sorted(e.uid for e in entries)
 
 
-def _dataset(root: Path, dropout: float) -> data.CachedLatentDataset:
-    caches, entries, _ = data.load_entries([root])
-    return data.CachedLatentDataset(caches, entries, seed=9, num_train_timesteps=1000, dropout_fraction=dropout)
+def _dataset(root: Path, dropout: float) -> dataset.CachedLatentDataset:
+    caches, entries, _ = dataset.load_entries([root])
+    return dataset.CachedLatentDataset(caches, entries, seed=9, num_train_timesteps=1000, dropout_fraction=dropout)
 
 
 def test_dataset_randomness_is_keyed_by_item_and_epoch(tmp_path):
@@ -178,13 +178,13 @@ def test_caption_dropout_uses_the_empty_embeddings_at_the_asked_rate_and_never_i
     dropped = [s for s in samples if s["dropped"]]
     assert 0.2 < len(dropped) / len(samples) < 0.4
     assert all(torch.equal(s["prompt_embeds"], empty["prompt_embeds"].float()) for s in dropped)
-    assert not any(ds[(i, data.VALIDATION_EPOCH, 1.0)]["dropped"] for i in range(50))
+    assert not any(ds[(i, sampler.VALIDATION_EPOCH, 1.0)]["dropped"] for i in range(50))
 
 
 def test_collate_builds_per_sample_time_ids(tmp_path):
     root = write_synthetic_cache(tmp_path / "c" / "ds", {(64, 96): 3})
     ds = _dataset(root, 0.0)
-    batch = data.collate([ds[(i, 1, 1.0)] for i in range(3)])
+    batch = dataset.collate([ds[(i, 1, 1.0)] for i in range(3)])
     expected = [list(ds.entries[i].item.time_ids) for i in range(3)]
     assert batch["time_ids"].tolist() == expected and batch["time_ids"].dtype == torch.int64
     assert len({tuple(r) for r in expected}) == 3
@@ -194,6 +194,6 @@ def test_dataloader_workers_read_the_cache_on_cpu(tmp_path):
     root = write_synthetic_cache(tmp_path / "c" / "ds", {(64, 64): 4})
     ds = _dataset(root, 0.0)
     keys = [[(0, 1, 1.0), (1, 1, 1.0)], [(2, 1, 1.0), (3, 1, 1.0)]]
-    with_workers = list(data.make_loader(ds, keys, num_workers=1, pin=False))
-    inline = list(data.make_loader(ds, keys, num_workers=0, pin=False))
+    with_workers = list(dataset.make_loader(ds, keys, num_workers=1, pin=False))
+    inline = list(dataset.make_loader(ds, keys, num_workers=0, pin=False))
     assert all(torch.equal(a["noise"], b["noise"]) for a, b in zip(with_workers, inline, strict=True))

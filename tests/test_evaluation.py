@@ -24,7 +24,8 @@ from eval_fixtures import (
 )
 from PIL import Image
 
-from sdxl_trainer import eval_support, evaluation, scores
+from sdxl_trainer.evaluation import evaluator, scorers, support
+from sdxl_trainer.evaluation.eval_args import EvaluationArgsError
 
 CPU = torch.device("cpu")
 # One step without classifier-free guidance keeps CPU tests fast (CFG is covered in test_sampling.py).
@@ -51,7 +52,7 @@ class Recorder:
 
 
 def _evaluator(args, run_dir, model_dir, items, data_root, log, **kwargs):
-    return evaluation.Evaluator(
+    return evaluator.Evaluator(
         args, run_dir, str(model_dir), ["train caption"], items, data_root, 0, 1, CPU,
         weight_dtype=torch.float32, log=log.append, **kwargs,
     )  # fmt: skip
@@ -75,14 +76,14 @@ def test_schedule_follows_the_original_rules(tiny_model_dir, tmp_path):
     assert [e for e in range(10) if ev.wants_samples(e)] == [0, 6, 9]  # epoch 0 = the Base Model row
     assert [e for e in range(10) if ev.wants_validation(e)] == [0, 2, 4, 6, 8]
     assert ev.wants_to_run(6) and not ev.wants_to_run(1)
-    with pytest.raises(evaluation.EvaluationArgsError, match="--sample_grid_max_rows"):
+    with pytest.raises(EvaluationArgsError, match="--sample_grid_max_rows"):
         _evaluator(eval_args("--sample_grid_max_rows", "1"), tmp_path, tiny_model_dir, [], None, [])
-    with pytest.raises(evaluation.EvaluationArgsError, match="--sample_prompts"):
+    with pytest.raises(EvaluationArgsError, match="--sample_prompts"):
         _evaluator(eval_args("--save_samples", "--sample_prompts", "/no/file"), tmp_path, tiny_model_dir, [], None, [])
     # A weights file of the wrong kind stops the run at start, not at the first evaluation.
     torch.save({"w": torch.zeros(1)}, tmp_path / "wrong.pth")
     items = make_validation_items(tmp_path / "d", 1)
-    with pytest.raises(evaluation.EvaluationArgsError, match="--metrics_inception_weights"):
+    with pytest.raises(EvaluationArgsError, match="--metrics_inception_weights"):
         _evaluator(eval_args("--validation_image", "--metrics_inception_weights", str(tmp_path / "wrong.pth")),
                    tmp_path, tiny_model_dir, items, None, [])  # fmt: skip
 
@@ -108,7 +109,7 @@ def test_all_scores_logged_grid_kept_and_reference_features_cached(
     assert all(math.isfinite(v) for v in first.values()) and first["lpips"] > 0
     assert not any("skipped" in line for line in log)
     assert any("FID on 3 images" in line for line in log)  # the small-n warning, once
-    for name, tag in eval_support.METRIC_TAGS.items():
+    for name, tag in support.METRIC_TAGS.items():
         assert tb.scalars[tag] == [(0, first[name])]
     assert tb.scalars["Validation/Inception Score per epoch"] and tb.images[0][0] == "Samples/grid row"
     cache_files = list((run_dir / "eval_cache").glob("reference_inception_*.safetensors"))
@@ -171,7 +172,7 @@ def test_handoff_that_does_not_match_the_unet_is_refused(tiny_model_dir, handoff
     save_file(state, tmp_path / "broken.safetensors")
     args = eval_args("--save_samples", "--num_sample_images", "1", *FAST)
     ev = _evaluator(args, tmp_path / "run", tiny_model_dir, [], None, [])
-    with pytest.raises(eval_support.EvaluationError, match="1 missing keys"):
+    with pytest.raises(support.EvaluationError, match="1 missing keys"):
         ev.run(0, tmp_path / "broken.safetensors")
     # Wrapper prefixes (torch.compile's _orig_mod.) are not a mismatch.
     full = load_file(handoffs["base"])
@@ -179,7 +180,7 @@ def test_handoff_that_does_not_match_the_unet_is_refused(tiny_model_dir, handoff
     ev._pipe.unet.conv_in.weight.data.zero_()
     ev.run(0, tmp_path / "c.safetensors")
     assert torch.equal(ev._pipe.unet.conv_in.weight, full["conv_in.weight"])
-    with pytest.raises(evaluation.EvaluationArgsError, match="--metrics_lpips_backbone"):
+    with pytest.raises(EvaluationArgsError, match="--metrics_lpips_backbone"):
         _evaluator(eval_args("--validation_image", "--metrics_lpips_backbone", str(tmp_path / "no.pth")),
                    tmp_path / "run", tiny_model_dir, [], None, [])  # fmt: skip
 
@@ -187,7 +188,7 @@ def test_handoff_that_does_not_match_the_unet_is_refused(tiny_model_dir, handoff
 def test_without_metric_weights_the_run_works_and_each_skip_is_one_line(
     tiny_model_dir, handoffs, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(scores, "default_inception_weights", lambda: None)
+    monkeypatch.setattr(scorers, "default_inception_weights", lambda: None)
     items = make_validation_items(tmp_path / "data", 1)
     args = eval_args("--validation_image", *FAST)
     log = []
@@ -217,17 +218,17 @@ def test_without_the_data_folder_only_reference_free_scores_run(tiny_model_dir, 
 
 def test_reference_key_follows_the_validation_set_content(tmp_path):
     items = make_validation_items(tmp_path / "d", 3)
-    key = eval_support.reference_set_key(items, "inception:x")
-    assert eval_support.reference_set_key(list(items), "inception:x") == key
+    key = support.reference_set_key(items, "inception:x")
+    assert support.reference_set_key(list(items), "inception:x") == key
     edited = [dataclasses.replace(items[0], image_sha256="f" * 64), *items[1:]]
-    assert eval_support.reference_set_key(edited, "inception:x") != key
-    assert eval_support.reference_set_key(items[:2], "inception:x") != key
-    assert eval_support.reference_set_key(items, "inception:y") != key
-    path = eval_support.reference_cache_path(tmp_path, key)
-    eval_support.write_reference_cache(path, key, np.ones((2, 4), np.float32), [True, False, True])
-    pool, ok = eval_support.read_reference_cache(path, key)
+    assert support.reference_set_key(edited, "inception:x") != key
+    assert support.reference_set_key(items[:2], "inception:x") != key
+    assert support.reference_set_key(items, "inception:y") != key
+    path = support.reference_cache_path(tmp_path, key)
+    support.write_reference_cache(path, key, np.ones((2, 4), np.float32), [True, False, True])
+    pool, ok = support.read_reference_cache(path, key)
     assert pool.shape == (2, 4) and ok == [True, False, True]
-    assert eval_support.read_reference_cache(path, "other") is None
+    assert support.read_reference_cache(path, "other") is None
 
 
 @pytest.mark.slow
@@ -314,7 +315,7 @@ def test_trainer_scores_its_own_unet_and_keeps_the_grid(tiny_model_dir, inceptio
     (folder,) = {p.parent for p in (run / "tb").rglob("events.out.tfevents.*")}  # one writer: rank 0's
     events = EventAccumulator(str(folder)).Reload()
     for name in ("fid", "kid", "is", "lpips", "hps"):
-        assert [s.step for s in events.Scalars(eval_support.METRIC_TAGS[name])] == [0, 1], name
+        assert [s.step for s in events.Scalars(support.METRIC_TAGS[name])] == [0, 1], name
     assert [e.step for e in events.Images("Samples/grid row")] == [0, 1]
 
 
@@ -330,7 +331,7 @@ def test_on_a_gpu_fp16_sampling_runs_and_everything_waits_on_the_cpu_between_run
                      str(hps_path), "--metrics_hps_model", "tiny-hps-test", "--metrics_lpips_backbone",
                      str(make_lpips_backbone(tmp_path / "alexnet.pth")))  # fmt: skip
     log: list[str] = []
-    ev = evaluation.Evaluator(args, tmp_path / "run", str(tiny_model_dir), ["c"], items, tmp_path / "data", 0, 1,
+    ev = evaluator.Evaluator(args, tmp_path / "run", str(tiny_model_dir), ["c"], items, tmp_path / "data", 0, 1,
                               cuda, weight_dtype=torch.float16, log=log.append,
                               inception_extractor=TinyFeatures())  # fmt: skip
     before = torch.cuda.memory_allocated(cuda)

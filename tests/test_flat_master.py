@@ -8,8 +8,8 @@ import argparse
 import pytest
 import torch
 
-from sdxl_trainer import flat_master, optim, parallel
 from sdxl_trainer.distributed import DistInfo
+from sdxl_trainer.training import flat_master, optimizers, sharding
 
 
 def _args(name: str) -> argparse.Namespace:
@@ -24,7 +24,9 @@ def _model(seed: int) -> torch.nn.Module:
 
 
 def _flat(model, name: str, compute=None) -> flat_master.FlatMasterOptimizer:
-    return flat_master.FlatMasterOptimizer(model, name, optim.inner_factory(_args(name)), compute, torch.device("cpu"))
+    return flat_master.FlatMasterOptimizer(
+        model, name, optimizers.inner_factory(_args(name)), compute, torch.device("cpu")
+    )
 
 
 def _train(model, opt, steps: int, micro_batches: int = 1) -> list[float]:
@@ -47,7 +49,7 @@ def _train(model, opt, steps: int, micro_batches: int = 1) -> list[float]:
 def test_flat_master_matches_the_plain_optimizer(name):
     plain, flat = _model(0), _model(0)
     params = list(plain.parameters())
-    reference = optim.inner_factory(_args(name))(params, [p.numel() for p in params])
+    reference = optimizers.inner_factory(_args(name))(params, [p.numel() for p in params])
     opt = _flat(flat, name)
     assert _train(plain, reference, 4) == pytest.approx(_train(flat, opt, 4), rel=1e-5, abs=1e-7)
     for (n, a), b in zip(plain.named_parameters(), flat.parameters(), strict=True):
@@ -59,14 +61,14 @@ def test_adamw8bit_keeps_32bit_state_for_small_tensors_in_chunks_of_their_own(mo
     monkeypatch.setattr(flat_master, "CHUNK_ELEMENTS", 2000)
     model = _model(0)
     opt = _flat(model, "adamw8bit")
-    big = sum(p.numel() for p in model.parameters() if optim.eight_bit_state(p.numel()))
+    big = sum(p.numel() for p in model.parameters() if optimizers.eight_bit_state(p.numel()))
     # Only the 80x70 weight has >= 4096 elements: it fills the first chunks exactly, the rest share the last.
     assert sum(t.numel() for t in opt.locals[:3]) == big == 5600 and opt.layout()[:3] == [[2000], [2000], [1600]]
     losses = _train(model, opt, 3)
     assert all(torch.isfinite(torch.tensor(losses)))
-    assert optim.state_bits(opt) == [8, 8, 8, 32]
+    assert optimizers.state_bits(opt) == [8, 8, 8, 32]
     plain = _model(0)
-    reference = optim.inner_factory(_args("adamw8bit"))(
+    reference = optimizers.inner_factory(_args("adamw8bit"))(
         list(plain.parameters()), [p.numel() for p in plain.parameters()]
     )
     # Different 8-bit block boundaries: close, not equal.
@@ -117,11 +119,11 @@ def _info(world_size: int) -> DistInfo:
 
 
 def test_auto_sharding_is_none_on_one_process_and_full_shard_otherwise():
-    assert parallel.resolve_strategy("auto", _info(1), cpu_offload=False) == "none"
-    assert parallel.resolve_strategy("auto", _info(2), cpu_offload=False) == "full_shard"
-    assert parallel.resolve_strategy("auto", _info(1), cpu_offload=True) == "full_shard"
-    assert parallel.resolve_strategy("shard_grad_op", _info(1), cpu_offload=False) == "shard_grad_op"
-    with pytest.raises(parallel.ShardingError, match="--sharding none trains in one process"):
-        parallel.resolve_strategy("none", _info(2), cpu_offload=False)
-    with pytest.raises(parallel.ShardingError, match="--cpu_offload"):
-        parallel.resolve_strategy("none", _info(1), cpu_offload=True)
+    assert sharding.resolve_strategy("auto", _info(1), cpu_offload=False) == "none"
+    assert sharding.resolve_strategy("auto", _info(2), cpu_offload=False) == "full_shard"
+    assert sharding.resolve_strategy("auto", _info(1), cpu_offload=True) == "full_shard"
+    assert sharding.resolve_strategy("shard_grad_op", _info(1), cpu_offload=False) == "shard_grad_op"
+    with pytest.raises(sharding.ShardingError, match="--sharding none trains in one process"):
+        sharding.resolve_strategy("none", _info(2), cpu_offload=False)
+    with pytest.raises(sharding.ShardingError, match="--cpu_offload"):
+        sharding.resolve_strategy("none", _info(1), cpu_offload=True)

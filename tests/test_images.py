@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdxl_trainer.buckets import plan_item
-from sdxl_trainer.images import ImageSkip, discover_items, load_image, region_to_upscale, render_to_bucket
+from sdxl_trainer.data.buckets import plan_item
+from sdxl_trainer.data.images import ImageSkip, discover_items, load_image, region_to_upscale, render_to_bucket
 
 RED = (220, 30, 30)
 

@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from sdxl_trainer import data, lr_schedule
+from sdxl_trainer.data import sampler
+from sdxl_trainer.training import lr_schedule
 
 
 def _args(**kw) -> argparse.Namespace:
@@ -44,14 +45,14 @@ def test_schedule_length_equals_the_optimizer_steps_the_run_takes(world, accumul
     random.Random(1).shuffle(buckets)
     global_batch = per_rank * world
     # What the loop will do: simulate the real plans epoch by epoch.
-    state, steps_taken = data.SamplerState(), 0
+    state, steps_taken = sampler.SamplerState(), 0
     for _ in range(epochs):
-        plan = data.plan_epoch(buckets, state.carried_in, state.deferred_in, global_batch, accumulation, seed,
+        plan = sampler.plan_epoch(buckets, state.carried_in, state.deferred_in, global_batch, accumulation, seed,
                                state.epoch)  # fmt: skip
         steps_taken += len(plan.batches) // accumulation
-        state = data.SamplerState(state.epoch + 1, 0, plan.leftovers, plan.deferred)
+        state = sampler.SamplerState(state.epoch + 1, 0, plan.leftovers, plan.deferred)
     planned = lr_schedule.total_optimizer_steps(
-        data.epoch_step_counts(list(BUCKETS.values()), global_batch, accumulation, epochs)
+        sampler.epoch_step_counts(list(BUCKETS.values()), global_batch, accumulation, epochs)
     )
     assert planned == steps_taken
     # About items / (batch x processes x accumulation) per epoch: more processes, fewer steps.

@@ -12,7 +12,7 @@ import pytest
 from eval_fixtures import make_hps_checkpoint, make_lpips_backbone, shared_inception_weights
 from PIL import Image
 
-from sdxl_trainer import scores
+from sdxl_trainer.evaluation import scorers
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +91,7 @@ def test_different_references_give_positive_distances(metrics_main, inception_we
 
 
 def test_without_weights_every_score_is_skipped_with_one_line(metrics_main, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(scores, "default_inception_weights", lambda: None)
+    monkeypatch.setattr(scorers, "default_inception_weights", lambda: None)
     gen, _ = _folders(tmp_path, same=False)
     assert metrics_main(["--generated", str(gen), "--device", "cpu", "--output", str(tmp_path / "m.json")]) == 0
     printed = capsys.readouterr().out.splitlines()

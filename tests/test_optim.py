@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from sdxl_trainer import checkpoint, optim
+from sdxl_trainer.training import checkpoint, optimizers
 
 
 def _args(name: str, **kw) -> argparse.Namespace:
@@ -49,8 +49,8 @@ def _train(model, opt, steps: int, seed: int = 0) -> list[float]:
 
 
 def test_eight_bit_state_is_chosen_by_the_unsharded_size():
-    assert optim.eight_bit_state(4096) and optim.eight_bit_state(10**9)
-    assert not optim.eight_bit_state(4095)
+    assert optimizers.eight_bit_state(4096) and optimizers.eight_bit_state(10**9)
+    assert not optimizers.eight_bit_state(4095)
 
 
 def test_bitsandbytes_follows_the_global_size_not_the_local_shard():
@@ -58,7 +58,7 @@ def test_bitsandbytes_follows_the_global_size_not_the_local_shard():
     is small globally keeps 32-bit state. Left to itself bitsandbytes would judge the shard (bnb #2080)."""
     shard_of_big = torch.nn.Parameter(torch.randn(3000))
     small = torch.nn.Parameter(torch.randn(3000))
-    inner = optim._bnb_factory("adamw8bit", _args("adamw8bit"))([shard_of_big, small], [6000, 3000])
+    inner = optimizers._bnb_factory("adamw8bit", _args("adamw8bit"))([shard_of_big, small], [6000, 3000])
     for p in (shard_of_big, small):
         p.grad = torch.randn_like(p)
     inner.step()
@@ -74,16 +74,16 @@ def test_local_shard_optimizer_matches_the_plain_optimizer_on_a_sharded_model(on
         fully_shard(layer, mesh=mesh)
     fully_shard(sharded, mesh=mesh)
     args = _args(name)
-    factories = {"adamw": optim._torch_adamw_factory, "adafactor": optim._adafactor_factory}
-    factory = factories[name](args) if name in factories else optim._bnb_factory(name, args)
+    factories = {"adamw": optimizers._torch_adamw_factory, "adafactor": optimizers._adafactor_factory}
+    factory = factories[name](args) if name in factories else optimizers._bnb_factory(name, args)
     params = list(plain.parameters())
     reference = factory(params, [p.numel() for p in params])
-    local = optim.build_optimizer(args, list(sharded.parameters()))
+    local = optimizers.build_optimizer(args, list(sharded.parameters()))
     assert _train(plain, reference, 4) == pytest.approx(_train(sharded, local, 4), rel=1e-5, abs=1e-7)
     for a, b in zip(plain.parameters(), sharded.parameters(), strict=True):
         torch.testing.assert_close(a, b.full_tensor(), rtol=1e-5, atol=1e-6)
     if name == "adamw8bit":
-        assert sorted(set(optim.state_bits(local))) == [8, 32]  # weights are 8-bit, biases (< 4096) 32-bit
+        assert sorted(set(optimizers.state_bits(local))) == [8, 32]  # weights are 8-bit, biases (< 4096) 32-bit
 
 
 def test_eight_bit_state_saved_and_restored_exactly(one_rank_group, tmp_path):
@@ -94,12 +94,12 @@ def test_eight_bit_state_saved_and_restored_exactly(one_rank_group, tmp_path):
         fully_shard(m, mesh=mesh)
         models.append(m)
     args = _args("adamw8bit")
-    first = optim.build_optimizer(args, list(models[0].parameters()))
+    first = optimizers.build_optimizer(args, list(models[0].parameters()))
     _train(models[0], first, 3)
     checkpoint.save_structured(tmp_path / "opt", {"state": first.state_dict(), "layout": first.layout()})
     # The copy: same weights, a fresh optimizer that gets the saved state.
     models[1].load_state_dict(models[0].state_dict())
-    second = optim.build_optimizer(args, list(models[1].parameters()))
+    second = optimizers.build_optimizer(args, list(models[1].parameters()))
     saved = checkpoint.load_structured(tmp_path / "opt")
     assert saved["layout"] == second.layout()
     second.load_state_dict(saved["state"])
@@ -115,7 +115,7 @@ def test_eight_bit_state_saved_and_restored_exactly(one_rank_group, tmp_path):
 
 def test_unknown_optimizer_is_refused():
     with pytest.raises(ValueError, match="--optimizer"):
-        optim.build_optimizer(_args("sgd"), [torch.nn.Parameter(torch.zeros(2))])
+        optimizers.build_optimizer(_args("sgd"), [torch.nn.Parameter(torch.zeros(2))])
 
 
 @pytest.mark.parametrize("max_norm", [0.1, 1e6, float("inf")])
@@ -123,13 +123,13 @@ def test_local_gradient_clipping_matches_torchs(one_rank_group, max_norm):
     mesh = one_rank_group
     plain, sharded = _model(2), _model(2)
     fully_shard(sharded, mesh=mesh)
-    opt = optim.build_optimizer(_args("adamw"), list(sharded.parameters()))
+    opt = optimizers.build_optimizer(_args("adamw"), list(sharded.parameters()))
     x = torch.randn(8, 70)
     for m in (plain, sharded):
         m(x).pow(2).mean().backward()
     expected = torch.nn.utils.clip_grad_norm_(plain.parameters(), max_norm)
     opt.bind_grads()
-    got = optim.clip_grad_norm_(opt, max_norm, mesh.get_group())
+    got = optimizers.clip_grad_norm_(opt, max_norm, mesh.get_group())
     torch.testing.assert_close(got, expected)
     for a, b in zip(plain.parameters(), sharded.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad.full_tensor())

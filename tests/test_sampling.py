@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdxl_trainer import sampling
+from sdxl_trainer.evaluation import sampling
 
 
 def test_prompts_file_keeps_order_skips_comments_and_duplicates(tmp_path):

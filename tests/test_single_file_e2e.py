@@ -13,12 +13,13 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from sdxl_trainer import convert
+from sdxl_trainer.models import single_file, single_file_keys
 
 
 def _scripts_accept_single_file_config() -> bool:
     try:
-        from sdxl_trainer import caching_args, train_args
+        from sdxl_trainer.caching import caching_args
+        from sdxl_trainer.training import train_args
     except ImportError:
         return False
     parsers = (caching_args.build_parser(), train_args.build_parser())
@@ -64,7 +65,7 @@ def _tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
 
 
 def test_cache_and_train_from_a_single_file_base(repo_root, tiny_model_dir, tmp_path):
-    base = convert.save_single_file(tiny_model_dir, tmp_path / "base.safetensors", dtype="fp16")
+    base = single_file.save_single_file(tiny_model_dir, tmp_path / "base.safetensors", dtype="fp16")
     model_flags = ["--pretrained_model_name_or_path", str(base), "--single_file_config", str(tiny_model_dir)]
     data = _write_images(tmp_path / "data", 4)
     cache_flags = ["--data_dir", str(data), "--cache_dir", str(tmp_path / "cache"), "--min_resolution", "256"]
@@ -89,9 +90,16 @@ def test_cache_and_train_from_a_single_file_base(repo_root, tiny_model_dir, tmp_
 
     # The saved single file: the trained UNet, and the base's VAE and text encoders bit for bit (both fp16).
     saved = run_dir / "final.safetensors"
-    trained_unet, base_unet = _tensors(saved, convert.UNET_PREFIX), _tensors(base, convert.UNET_PREFIX)
+    trained_unet, base_unet = (
+        _tensors(saved, single_file_keys.UNET_PREFIX),
+        _tensors(base, single_file_keys.UNET_PREFIX),
+    )
     assert trained_unet.keys() == base_unet.keys()
     assert any(not torch.equal(trained_unet[k], base_unet[k]) for k in base_unet)
-    for prefix in (convert.VAE_PREFIX, convert.TEXT_ENCODER_PREFIX, convert.TEXT_ENCODER_2_PREFIX):
+    for prefix in (
+        single_file_keys.VAE_PREFIX,
+        single_file_keys.TEXT_ENCODER_PREFIX,
+        single_file_keys.TEXT_ENCODER_2_PREFIX,
+    ):
         got, want = _tensors(saved, prefix), _tensors(base, prefix)
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), prefix

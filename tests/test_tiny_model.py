@@ -3,7 +3,7 @@
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from sdxl_trainer.tiny_model import save_tiny_sdxl_pipeline
+from sdxl_trainer.models.tiny import save_tiny_sdxl_pipeline
 
 
 def test_tiny_pipeline_loads_offline_and_generates(tiny_model_dir):

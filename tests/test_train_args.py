@@ -7,7 +7,8 @@ import argparse
 import pytest
 import torch
 
-from sdxl_trainer import evaluation_args, train_args
+from sdxl_trainer.evaluation import eval_args
+from sdxl_trainer.training import train_args
 
 # Adding or removing a trainer flag means editing this list on purpose (docs/training.md too).
 TRAINER_FLAGS = [
@@ -46,7 +47,7 @@ ORIGINAL_FLAGS = [
 
 def _evaluation_flags() -> set[str]:
     parser = argparse.ArgumentParser()
-    evaluation_args.add_evaluation_args(parser)
+    eval_args.add_evaluation_args(parser)
     return {s for a in parser._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
 
 

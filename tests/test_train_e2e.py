@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 from train_helpers import base_args, read_metrics, write_synthetic_cache
 
 import sdxl_fsdp_train
-from sdxl_trainer import data, diffusion, parallel, train, train_args
+from sdxl_trainer.data import dataset, sampler
 from sdxl_trainer.distributed import cleanup
+from sdxl_trainer.training import loop, objective, setup, sharding, step, train_args
+from sdxl_trainer.training.state import TrainingError
 
 pytestmark = pytest.mark.slow
 
@@ -117,16 +119,16 @@ def test_a_run_logs_saves_evaluates_and_resumes_exactly(tiny_model_dir, cache_ro
 
 def test_time_ids_reach_the_unet_per_sample_in_order(tiny_model_dir, cache_root, tmp_path):
     argv = base_args(tiny_model_dir, cache_root, tmp_path / "run", "--train_batch_size", "3")
-    tr = train.setup(train_args.parse_args(argv))
+    tr = setup.setup(train_args.parse_args(argv))
     try:
         seen = []
         tr.unet.register_forward_pre_hook(
             lambda _m, _a, kw: seen.append(kw["added_cond_kwargs"]["time_ids"].clone()), with_kwargs=True
         )
-        plan = data.plan_epoch([e.bucket_wh for e in tr.data.training], [], [], 3, 1, 123, 1)
+        plan = sampler.plan_epoch([e.bucket_wh for e in tr.data.training], [], [], 3, 1, 123, 1)
         keys = [[(i, e, 1.0) for i, e in plan.batches[0]]]
-        batch = next(iter(data.make_loader(tr.data.dataset, keys, 0, False)))
-        train.train_step(tr, [batch])
+        batch = next(iter(dataset.make_loader(tr.data.dataset, keys, 0, False)))
+        step.train_step(tr, [batch])
         expected = [list(tr.data.dataset.entries[i].item.time_ids) for i in batch["index"].tolist()]
         assert seen[0].tolist() == expected and seen[0].shape == (3, 6)
         assert len({tuple(r) for r in expected}) == 3  # distinct rows, so a mix-up would show
@@ -147,8 +149,8 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_model_dir, t
         tensors["latent_mean"] = torch.full_like(tensors["latent_mean"], float("nan"))
         save_file(tensors, str(f), metadata=meta)
     out = tmp_path / "run"
-    with pytest.raises(train.TrainingError, match="--max_nonfinite_steps 2"):
-        train.main(train_args.parse_args(base_args(tiny_model_dir, root, out, "--max_nonfinite_steps", "2",
+    with pytest.raises(TrainingError, match="--max_nonfinite_steps 2"):
+        loop.main(train_args.parse_args(base_args(tiny_model_dir, root, out, "--max_nonfinite_steps", "2",
                                                    "--num_train_epochs", "3")))  # fmt: skip
     steps = read_metrics(out)
     assert [r["finite"] for r in steps] == [False, False]
@@ -186,17 +188,17 @@ def test_every_strategy_builds_its_mesh_and_trains(tiny_model_dir, cache_root, t
 
 
 def test_start_up_checks_name_the_flag(tiny_model_dir, cache_root, tmp_path):
-    with pytest.raises(data.DataError, match="--max_resolution 1024"):
-        train.main(train_args.parse_args(base_args(tiny_model_dir, cache_root, tmp_path / "r", "--max_resolution",
+    with pytest.raises(dataset.DataError, match="--max_resolution 1024"):
+        loop.main(train_args.parse_args(base_args(tiny_model_dir, cache_root, tmp_path / "r", "--max_resolution",
                                                    "1024")))  # fmt: skip
     with pytest.raises(Exception, match="--train_batch_size 50"):
-        train.main(train_args.parse_args(base_args(tiny_model_dir, cache_root, tmp_path / "r",
+        loop.main(train_args.parse_args(base_args(tiny_model_dir, cache_root, tmp_path / "r",
                                                    "--train_batch_size", "50")))  # fmt: skip
 
 
 def test_sharding_check_refuses_an_unsharded_unet():
-    with pytest.raises(parallel.ShardingError, match="--sharding full_shard"):
-        parallel.verify_sharding(torch.nn.Linear(2, 2), None, "full_shard")
+    with pytest.raises(sharding.ShardingError, match="--sharding full_shard"):
+        sharding.verify_sharding(torch.nn.Linear(2, 2), None, "full_shard")
 
 
 def test_diffusion_predict_passes_int_time_ids(tiny_model_dir):
@@ -209,7 +211,7 @@ def test_diffusion_predict_passes_int_time_ids(tiny_model_dir):
         "prompt_embeds": torch.randn(2, 77, 80), "pooled_prompt_embeds": torch.randn(2, 40),
         "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64], [80, 60, 2, 1, 64, 64]]),
     }  # fmt: skip
-    prediction, target = diffusion.predict(unet, sched, batch)
+    prediction, target = objective.predict(unet, sched, batch)
     assert prediction.shape == target.shape == (2, 4, 8, 8)
 
 
@@ -218,7 +220,7 @@ def test_compiled_blocks_train_as_eager_does(tiny_model_dir, cache_root, tmp_pat
     give eager's losses, and the validation loss runs the compiled blocks eager (it compiles nothing)."""
     from torch._dynamo.utils import counters
 
-    from sdxl_trainer import validation
+    from sdxl_trainer.training import validation
 
     graphs_during_validation = []
     validation_loss = validation.validation_loss

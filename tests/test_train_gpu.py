@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdxl_trainer import sdxl_shapes
+from sdxl_trainer.models import shapes
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 
-SDXL_UNET_CONFIG = sdxl_shapes.UNET
-SDXL_UNET_PARAMETERS = sdxl_shapes.UNET_PARAMETERS  # performance.md
+SDXL_UNET_CONFIG = shapes.UNET
+SDXL_UNET_PARAMETERS = shapes.UNET_PARAMETERS  # performance.md
 
 
 def _full_size_model(tiny_model_dir: Path, out: Path) -> Path:
@@ -43,7 +43,7 @@ def _full_size_model(tiny_model_dir: Path, out: Path) -> Path:
 
 
 def _cache_1024(root: Path, items: int) -> Path:
-    from sdxl_trainer.cache import CacheWriter
+    from sdxl_trainer.data.cache_writer import CacheWriter
 
     g = torch.Generator().manual_seed(0)
     writer = CacheWriter(root / "ds", fingerprint={"image": {"synthetic": 1024}, "text": {"synthetic": 1}})

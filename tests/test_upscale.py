@@ -20,8 +20,11 @@ from upscale_fixtures import (
 )
 
 import upscale as upscale_cli
-from sdxl_trainer import face_restore, upscale
-from sdxl_trainer.upscale import Upscaler, UpscalerError, axis_tiles, plan_tiles, target_size
+from sdxl_trainer.upscaling import face_restore, model_files
+from sdxl_trainer.upscaling.folders import target_size
+from sdxl_trainer.upscaling.model_files import UpscalerError
+from sdxl_trainer.upscaling.tiles import Tile, axis_tiles, pil_to_tensor, plan_tiles, tensor_to_uint8
+from sdxl_trainer.upscaling.upscaler import Upscaler
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +100,7 @@ def test_axis_tiles_aligned_boundaries_for_pixel_unshuffle_models(length):
 
 
 def test_plan_tiles_whole_image_when_it_fits_or_tiling_off():
-    assert plan_tiles(50, 40, 0, 16) == [upscale.Tile(window=(0, 0, 50, 40), core=(0, 0, 50, 40))]
+    assert plan_tiles(50, 40, 0, 16) == [Tile(window=(0, 0, 50, 40), core=(0, 0, 50, 40))]
     assert len(plan_tiles(64, 64, 64, 16)) == 1
     assert len(plan_tiles(65, 64, 64, 16)) == 3  # ceil(65 / 32) cores along x
     with pytest.raises(ValueError, match="no core"):
@@ -149,8 +152,8 @@ def test_native_scale_output_is_the_network_output_without_resampling(weights):
     assert up.scale == 2
     image = textured(13, 9)  # odd sizes: the x2plus model pads to a multiple of 4 internally
     out = up.upscale(image, (26, 18))
-    direct = up.model(upscale.pil_to_tensor(image, 3)[None])[0]
-    assert np.array_equal(np.asarray(out), upscale.tensor_to_uint8(direct).permute(1, 2, 0).numpy())
+    direct = up.model(pil_to_tensor(image, 3)[None])[0]
+    assert np.array_equal(np.asarray(out), tensor_to_uint8(direct).permute(1, 2, 0).numpy())
 
 
 def test_modes_grey_and_alpha_are_kept(weights):
@@ -251,8 +254,8 @@ def test_cli_folder_loads_the_model_once_and_never_writes_the_input(tmp_path, we
     before = _snapshot(data)
 
     reads = []
-    real_read = upscale.read_state_dict
-    monkeypatch.setattr(upscale, "read_state_dict", lambda path: reads.append(path) or real_read(path))
+    real_read = model_files.read_state_dict
+    monkeypatch.setattr(model_files, "read_state_dict", lambda path: reads.append(path) or real_read(path))
     model = tmp_path / "fresh_copy.safetensors"  # a path no earlier test has loaded in this process
     model.write_bytes(weights["esrgan_st"].read_bytes())
     out = tmp_path / "out"

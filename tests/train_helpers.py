@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from sdxl_trainer.cache import CacheWriter
+from sdxl_trainer.data.cache_writer import CacheWriter
 
-# The tiny model's text sizes (sdxl_trainer.tiny_model): context 32 + 48, pooled = te2 projection 40.
+# The tiny model's text sizes (sdxl_trainer.models.tiny): context 32 + 48, pooled = te2 projection 40.
 TINY_CONTEXT_DIM = 80
 TINY_POOLED_DIM = 40
 

@@ -1,0 +1,1 @@
+"""Stage 2: the training loop and what it is built from (objective, optimizers, sharding, checkpoints...)."""

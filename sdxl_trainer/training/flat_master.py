@@ -1,0 +1,152 @@
+"""One process, no FSDP (`--sharding none`, the default on one GPU): the UNet computes in bf16/fp16 from one flat
+buffer, and the fp32 master weights are stepped as a few large tensors.
+
+Why: on one process there is nothing to shard, and what FSDP2 and a per-tensor optimizer step cost is per
+tensor (SDXL has ~1,700): measured on one H200 in one run (`bench/bench_levers.py`, batch 8, full-size UNet),
+FSDP2 on a 1-GPU mesh 11.6 images/s, fp32 master weights stepped tensor by tensor 12.0, this layout 16.4 with
+AdamW and 15.0 with AdamW8bit (bitsandbytes launches its kernels once per tensor), plain bf16 weights without
+master weights 16.7. The meaning is FSDP's mixed precision: bf16 compute weights cast from fp32 masters,
+floating inputs cast to the compute dtype, gradients accumulated over micro-batches in fp32, the optimizer on
+fp32 masters.
+
+Layout: each trainable parameter of the UNet is a view into `compute` (flat, compute dtype) and its `.grad` a
+view into `compute_grad`, into which autograd accumulates in place. `master` (flat fp32, same order) and its
+gradient `master_grad` are what the optimizer steps, seen as:
+  * chunks of at most 2**29 elements for elementwise optimizers (AdamW, AdamW8bit, Lion8bit: stepping a chunk
+    is stepping its tensors), with the tensors that get 32-bit 8-bit-optimizer state (< 4096 elements, as
+    `optim.eight_bit_state` decides on FSDP) in chunks of their own;
+  * one view per parameter, in its shape, for Adafactor (it factors the second moment over rows and columns).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sdxl_trainer.training.optimizers import eight_bit_state
+
+CHUNK_ELEMENTS = 2**29  # bitsandbytes indexes with 32-bit integers; SDXL's UNet has 2.6e9 elements
+ELEMENTWISE = {"adamw", "adamw8bit", "lion8bit"}
+
+
+def cast_floating(value, dtype: torch.dtype):
+    """Floating tensors in (nested) args/kwargs to `dtype`, as FSDP's mixed precision casts forward inputs."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: cast_floating(v, dtype) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cast_floating(v, dtype) for v in value)
+    return value
+
+
+class FlatMasterOptimizer:
+    """The optimizer interface of `optim.LocalShardOptimizer`, over flat fp32 master weights of a one-process UNet.
+
+    `unet` must hold its fp32 weights (on any device); they become the masters, and the UNet's parameters become
+    views of their compute-dtype copy on `device`.
+    """
+
+    def __init__(self, unet: torch.nn.Module, name: str, inner_factory, compute_dtype, device: torch.device):
+        self.name = name
+        named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+        # Tensors with 32-bit optimizer state last, so that no chunk mixes the two kinds.
+        named.sort(key=lambda item: not eight_bit_state(item[1].numel()))
+        total = sum(p.numel() for _, p in named)
+        self.master = torch.empty(total, dtype=torch.float32, device=device)
+        self.master_grad = torch.zeros_like(self.master)
+        self.compute = torch.empty(total, dtype=compute_dtype or torch.float32, device=device)
+        self.compute_grad = torch.zeros_like(self.compute)
+        self.spans: dict[str, tuple[int, int, torch.Size]] = {}
+        offset = 0
+        for n, p in named:
+            end = offset + p.numel()
+            self.spans[n] = (offset, end, p.shape)
+            self.master[offset:end].copy_(p.detach().reshape(-1))
+            p.data = self.compute[offset:end].view(p.shape)
+            p.grad = self.compute_grad[offset:end].view(p.shape)
+            offset = end
+        self.compute.copy_(self.master)
+        self.params = [p for _, p in named]
+        if compute_dtype is not None:
+            unet.register_forward_pre_hook(
+                lambda _m, args, kwargs: (cast_floating(args, compute_dtype), cast_floating(kwargs, compute_dtype)),
+                with_kwargs=True,
+            )
+        self.locals, decide_numels = self._optimizer_tensors(named, name in ELEMENTWISE)
+        self.inner = inner_factory(self.locals, decide_numels)
+        self.micro_batches = 0
+
+    def _optimizer_tensors(self, named, elementwise: bool) -> tuple[list[torch.nn.Parameter], list[int]]:
+        """Views of the master weights (with their gradient views) for the inner optimizer, and for each the
+        element count that decides 8- or 32-bit state."""
+        tensors, numels = [], []
+
+        def add(start: int, end: int, shape, numel: int) -> None:
+            view = torch.nn.Parameter(self.master[start:end].view(shape))
+            view.grad = self.master_grad[start:end].view(shape)
+            tensors.append(view)
+            numels.append(numel)
+
+        if not elementwise:
+            for n, _ in named:
+                start, end, shape = self.spans[n]
+                add(start, end, shape, end - start)
+            return tensors, numels
+        # Each chunk's state precision is that of the tensors in it: pass the size of the largest one.
+        sizes = [e - s for s, e, _ in self.spans.values()]
+        large = [n for n in sizes if eight_bit_state(n)]
+        small = [n for n in sizes if not eight_bit_state(n)]
+        boundary = sum(large)  # the 8-bit-state tensors come first (see __init__)
+        for region_start, region_end, decide in ((0, boundary, large), (boundary, len(self.master), small)):
+            for start in range(region_start, region_end, CHUNK_ELEMENTS):
+                end = min(start + CHUNK_ELEMENTS, region_end)
+                add(start, end, (end - start,), max(decide))
+        return tensors, numels
+
+    @property
+    def param_groups(self):
+        return self.inner.param_groups
+
+    def after_backward(self) -> None:
+        """Move this micro-batch's gradient into the fp32 sum (no accumulation in bf16/fp16)."""
+        if self.micro_batches == 0:
+            self.master_grad.copy_(self.compute_grad)
+        else:
+            self.master_grad.add_(self.compute_grad)
+        self.compute_grad.zero_()
+        self.micro_batches += 1
+
+    def bind_grads(self) -> None:
+        """Gradients are bound once and for all (views); kept for the interface."""
+
+    def step(self, bind: bool = True) -> None:
+        self.inner.step()
+        self.compute.copy_(self.master)
+
+    def zero_grad(self) -> None:
+        self.micro_batches = 0
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+    def layout(self) -> list[list[int]]:
+        return [list(t.shape) for t in self.locals]
+
+    # The weights: the fp32 masters, under the UNet's parameter names and shapes.
+
+    def model_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {n: self.master[s:e].view(shape) for n, (s, e, shape) in self.spans.items()}
+
+    def load_model_state_dict(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        views = self.model_state_dict(model)
+        for n, view in views.items():
+            if state[n].data_ptr() != view.data_ptr():
+                view.copy_(state[n])
+        self.compute.copy_(self.master)
+
+    def full_model_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The full fp32 weights on the CPU (one process: it is rank 0)."""
+        return {n: t.detach().to("cpu", copy=True) for n, t in self.model_state_dict(model).items()}

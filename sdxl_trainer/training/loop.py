@@ -1,0 +1,211 @@
+"""The training loop: `main()` calls `setup()` (`training.setup`, everything built in order), then `train()`
+runs the epochs and calls evaluation, saving and checkpoints through explicit `if` lines; each optimizer step
+is `training.step.train_step()`. No per-step barriers, `gc.collect` or `empty_cache` (B28).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from sdxl_trainer.data import dataset, sampler
+from sdxl_trainer.distributed import barrier, cleanup
+from sdxl_trainer.training import checkpoint as ckpt
+from sdxl_trainer.training import saving, validation
+from sdxl_trainer.training.run_log import (
+    TAG_EPOCH_LOSS,
+    TAG_SKIPPED,
+    TAG_STEPS_PER_EPOCH,
+    TAG_UPDATES_PER_EPOCH,
+    logger,
+    write_json,
+)
+from sdxl_trainer.training.setup import setup
+from sdxl_trainer.training.state import _STOP_SIGNAL, Trainer, TrainingError
+from sdxl_trainer.training.step import train_step
+
+
+def save_model(tr: Trainer, name: str) -> None:
+    """Gather the full UNet to rank 0 only (collective); rank 0 writes the pipeline and the single file."""
+    tr.progress.saved_model_step = tr.progress.step
+    full = tr.optimizer.full_model_state_dict(tr.unet)
+    if tr.info.is_main_process:
+        a = tr.args
+        out = saving.save_pipeline(a.pretrained_model_name_or_path, full, tr.run_dir / name, a.weight_dtype)
+        logger.info(f"saved the {a.weight_dtype} pipeline to {out}")
+        if a.save_single_file:
+            logger.info(f"saved the single-file checkpoint {saving.save_single_file(out, a.weight_dtype)}")
+    del full
+    barrier()
+
+
+def save_checkpoint(tr: Trainer) -> Path:
+    state = {
+        "step": tr.progress.step,
+        "progress": vars(tr.progress),
+        "sampler": tr.sampler.to_json(tr.data.training),
+        "validation_uids": sorted(e.uid for e in tr.data.validation),
+    }
+    path = ckpt.save_checkpoint(
+        tr.run_dir, tr.progress.step, tr.info, tr.unet, tr.optimizer, tr.lr_scheduler, tr.scaler, state, tr.config,
+        tr.args.checkpoints_total_limit,
+    )  # fmt: skip
+    logger.info(f"checkpoint written: {path}")
+    return path
+
+
+def _end_of_epoch(tr: Trainer, epoch: int) -> None:
+    a, p = tr.args, tr.progress
+    if p.epoch_losses:
+        tr.log.scalar(TAG_EPOCH_LOSS, sum(p.epoch_losses) / len(p.epoch_losses), epoch)
+    tr.log.scalar(TAG_UPDATES_PER_EPOCH, len(p.epoch_losses), epoch)
+    tr.log.scalar(TAG_STEPS_PER_EPOCH, len(p.epoch_losses) * a.gradient_accumulation_steps, epoch)
+    p.epoch_losses, p.finished_epoch = [], epoch
+    if epoch >= a.start_save_model_epoch and epoch % a.save_model_every_n_epochs == 0:
+        save_model(tr, f"epoch-{epoch}")
+        if a.save_state:
+            save_checkpoint(tr)
+
+
+def _after_step(tr: Trainer, result: dict, epoch: int) -> bool:
+    """Bookkeeping, logging and checkpoints after an optimizer step. Returns False to stop training."""
+    a, p = tr.args, tr.progress
+    rate = tr.throughput.add(tr.data.global_batch * a.gradient_accumulation_steps)
+    if result["finite"]:
+        p.nonfinite_in_a_row = 0
+        p.epoch_losses.append(result["loss"])
+    else:
+        p.skipped_steps += 1
+        p.nonfinite_in_a_row += 1
+        tr.log.scalar(TAG_SKIPPED, p.skipped_steps, p.step)
+        logger.warning(f"step {p.step}: non-finite loss {result['loss']} or gradient norm; the update was skipped")
+    tr.log.step(
+        p.step, result["loss"], result["lr"], result["grad_norm"], rate, epoch=epoch, finite=result["finite"],
+        loss_scale=result["loss_scale"], memory_gib=result["memory_gib"],
+    )  # fmt: skip
+    if p.nonfinite_in_a_row >= a.max_nonfinite_steps:
+        save_checkpoint(tr)
+        raise TrainingError(
+            f"{p.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient (limit "
+            f"--max_nonfinite_steps {a.max_nonfinite_steps}): lower --learning_rate, use --mixed_precision bf16 or "
+            "check the data. A checkpoint of the current state was written."
+        )
+    if result["stop"]:
+        path = save_checkpoint(tr)
+        logger.warning(f"stopped by a signal at step {p.step}; continue with --resume_from_checkpoint auto ({path})")
+        return False
+    if a.checkpointing_steps and p.step % a.checkpointing_steps == 0:
+        save_checkpoint(tr)
+    return p.step < tr.data.total_steps
+
+
+def _run_epoch(tr: Trainer) -> bool:
+    """Train the current epoch from the sampler's position. Returns False when training must stop."""
+    a, s, info = tr.args, tr.sampler, tr.info
+    plan = sampler.plan_epoch(
+        [e.bucket_wh for e in tr.data.training], s.carried_in, s.deferred_in, tr.data.global_batch,
+        a.gradient_accumulation_steps, a.set_seed, s.epoch,
+    )  # fmt: skip
+    mine = [[(i, e, 1.0) for i, e in sampler.rank_slice(gb, info.rank, a.train_batch_size)] for gb in plan.batches]
+    loader = dataset.make_loader(
+        tr.data.dataset, mine[s.position :], a.dataloader_num_workers, info.device.type == "cuda"
+    )
+    next_epoch = sampler.SamplerState(s.epoch + 1, 0, plan.leftovers, plan.deferred)
+    if not plan.batches:  # an epoch too small for one optimizer step: everything moves on to the next
+        tr.sampler = next_epoch
+        return True
+    tr.throughput.resume()
+    pending: list[dict[str, torch.Tensor]] = []
+    for batch in loader:
+        pending.append(batch)
+        if len(pending) < a.gradient_accumulation_steps:
+            continue
+        result = train_step(tr, pending)
+        pending = []
+        s.position += a.gradient_accumulation_steps
+        tr.progress.step += 1
+        tr.progress.images_seen += tr.data.global_batch * a.gradient_accumulation_steps
+        if s.position == len(plan.batches):  # the epoch's last step: the data position moves on before any save
+            tr.sampler = next_epoch
+        if not _after_step(tr, result, s.epoch):
+            return False
+    return True
+
+
+def _finished(tr: Trainer) -> bool:
+    if tr.progress.step >= tr.data.total_steps:
+        return True
+    return tr.data.num_epochs is not None and tr.sampler.epoch > tr.data.num_epochs
+
+
+def train(tr: Trainer) -> dict:
+    """Epochs, with the end-of-epoch work and the evaluation of the model so far (epoch 0 = the base model)
+    at each epoch boundary. Epoch boundaries always fall between optimizer steps (see `sampler.plan_epoch`)."""
+    completed = True
+    while True:
+        done_epochs = tr.sampler.epoch - 1
+        if tr.sampler.position == 0:
+            if done_epochs > tr.progress.finished_epoch:
+                _end_of_epoch(tr, done_epochs)
+            if done_epochs > tr.progress.evaluated_epoch:
+                validation.evaluate(tr, done_epochs)
+        if _finished(tr):
+            break
+        if not _run_epoch(tr) and tr.progress.step < tr.data.total_steps:
+            completed = False
+            break
+    if completed:
+        save_checkpoint(tr)
+        if tr.args.save_final_model and tr.progress.saved_model_step != tr.progress.step:
+            save_model(tr, "final")
+        elif tr.args.save_final_model and tr.info.is_main_process:  # same weights: link instead of a second copy
+            saving.link_final(tr.run_dir, f"epoch-{tr.progress.finished_epoch}")
+    return summarize(tr, completed)
+
+
+def summarize(tr: Trainer, completed: bool) -> dict:
+    p = tr.progress
+    summary = {
+        "completed": completed,
+        "stopped_by_signal": bool(_STOP_SIGNAL),
+        "optimizer_steps": p.step,
+        "planned_optimizer_steps": tr.data.total_steps,
+        "epochs_finished": tr.sampler.epoch - 1,
+        "images_seen": p.images_seen,
+        "skipped_steps": p.skipped_steps,
+        "average_images_per_second": tr.throughput.average,
+        "wall_seconds": time.monotonic() - tr.start_time,
+        "best_validation_loss": p.best_validation_loss,
+        "world_size": tr.info.world_size,
+        "peak_gpu_memory_gib_per_rank": [peak for _, peak in tr.log.last_memory]
+        if tr.info.device.type == "cuda"
+        else None,
+    }
+    if tr.info.is_main_process:
+        write_json(tr.run_dir / "summary.json", summary)
+        if tr.log.tb is not None:
+            tr.log.tb.add_text("Run summary", "\n".join(f"    {k}: {v}" for k, v in summary.items()))
+        logger.info(f"run summary: {summary}")
+    return summary
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Run one training job in this process (under a launcher or alone) and return its summary."""
+    _STOP_SIGNAL.clear()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        tr = setup(args)
+        try:
+            return train(tr)
+        finally:
+            tr.log.close()
+            if tr.info.is_main_process:
+                saving.remove_handoff(tr.handoff_dir)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        cleanup()

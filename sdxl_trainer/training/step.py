@@ -1,0 +1,79 @@
+"""One optimizer step: forward/backward over the micro-batches, clipping, the step's one collective, the
+optimizer and schedule updates.
+
+Per optimizer step there is one collective of our own and one host sync: a small all-gather of (loss, grad
+norm, stop request, GPU memory) that gives every rank the same loss, skip decision and signal-stop decision."""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from sdxl_trainer.training import objective, optimizers
+from sdxl_trainer.training.run_log import (
+    memory_gib,
+)
+from sdxl_trainer.training.state import _STOP_SIGNAL, Trainer
+
+
+def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> dict:
+    """One optimizer step over the accumulated micro-batches.
+
+    FSDP2 reduce-scatters gradients after every micro-step's backward (no `set_requires_gradient_sync(False)`),
+    so only sharded gradients are kept between micro-steps (the original kept unsharded ones, B30); on one
+    process (`--sharding none`) `after_backward` adds each micro-step's gradient into the fp32 sum.
+    """
+    dev, scaler = tr.info.device, tr.scaler
+    loss_sum = torch.zeros((), device=dev)
+    for batch in micro_batches:
+        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+        prediction, target = objective.predict(tr.unet, tr.noise_scheduler, batch)
+        loss = objective.mse_loss(prediction, target)
+        loss_sum += loss.detach()
+        scaled = loss / len(micro_batches)
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        tr.optimizer.after_backward()
+
+    tr.optimizer.bind_grads()
+    if scaler is not None:
+        scaler.unscale_(tr.optimizer)  # before clipping: norm and clip in true units (B3)
+    max_norm = tr.args.max_grad_norm if tr.args.max_grad_norm > 0 else math.inf
+    grad_norm = optimizers.clip_grad_norm_(tr.optimizer, max_norm, tr.shard_group)  # before the step (B3)
+
+    # The step's one collective and host sync: every rank gets the same loss, norm and stop request.
+    alloc, peak = memory_gib(dev)
+    extras = torch.tensor([float(bool(_STOP_SIGNAL)), alloc, peak], device=dev)
+    norm = grad_norm.reshape(1).float().to(dev)  # on the CPU with --cpu_offload
+    mine = torch.cat([(loss_sum / len(micro_batches)).reshape(1), norm, extras]).double()
+    gathered = [torch.empty_like(mine) for _ in range(tr.info.world_size)]
+    dist.all_gather(gathered, mine)
+    table = torch.stack(gathered).tolist()
+    loss_value = sum(row[0] for row in table) / len(table)
+    finite = math.isfinite(loss_value) and math.isfinite(table[0][1])
+    lr = tr.optimizer.param_groups[0]["lr"]
+
+    loss_scale = None
+    if scaler is not None:
+        loss_scale = float(scaler.get_scale())
+        if finite:
+            scaler.step(tr.optimizer)  # also skips by itself on inf/nan gradients (found_inf agreed by ranks)
+        scaler.update()
+    elif finite:
+        tr.optimizer.step(bind=False)  # bound above, before unscaling and clipping
+    tr.optimizer.zero_grad()
+    with warnings.catch_warnings():  # a skipped step still advances the schedule, which torch warns about
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+        tr.lr_scheduler.step()  # once per optimizer step, on every rank (B4)
+    return {
+        "loss": loss_value,
+        "grad_norm": table[0][1],
+        "lr": lr,
+        "finite": finite,
+        "loss_scale": loss_scale,
+        "stop": any(row[2] > 0 for row in table),
+        "memory_gib": [(row[3], row[4]) for row in table],
+    }

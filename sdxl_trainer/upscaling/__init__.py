@@ -1,0 +1,1 @@
+"""Real-ESRGAN-family upscaling and GFPGAN face restoration through spandrel, for caching and `upscale.py`."""
