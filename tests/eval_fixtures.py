@@ -159,5 +159,5 @@ def eval_args(*argv: str) -> argparse.Namespace:
     from sdxl_trainer.evaluation import eval_args
 
     parser = argparse.ArgumentParser()
-    eval_args.add_evaluation_args(parser)
+    eval_args.add_args(parser)
     return parser.parse_args(list(argv))

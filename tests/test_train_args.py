@@ -47,7 +47,7 @@ ORIGINAL_FLAGS = [
 
 def _evaluation_flags() -> set[str]:
     parser = argparse.ArgumentParser()
-    eval_args.add_evaluation_args(parser)
+    eval_args.add_args(parser)
     return {s for a in parser._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
 
 

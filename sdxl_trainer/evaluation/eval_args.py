@@ -1,6 +1,6 @@
 """Flags of the evaluation step (samples, validation images, scores) and their start-up checks.
 
-The trainer's parser gets them through `sdxl_trainer.evaluation.eval_args.add_evaluation_args`. Names follow the
+The trainer's parser gets them through `sdxl_trainer.evaluation.eval_args.add_args`. Names follow the
 original trainer where it had the flag (seed_reference §1.1).
 """
 
@@ -23,7 +23,7 @@ def _metric_list(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
+def add_args(parser: argparse.ArgumentParser) -> None:
     """Flags for samples, validation images and scores (the original's names where it had them)."""
     g = parser.add_argument_group("sample grid (one row per sampled epoch, same seed per prompt)")
     g.add_argument("--save_samples", action="store_true", help="make the sample grid (row 1 = base model)")
@@ -89,7 +89,7 @@ def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def check_evaluation_args(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace) -> None:
     """Reject bad combinations at start (message names the flag)."""
     if args.sample_grid_max_rows < 2:
         raise EvaluationArgsError("--sample_grid_max_rows must be >= 2 (the Base Model row plus one epoch row)")

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from sdxl_trainer.evaluation import sampling, score_math
-from sdxl_trainer.evaluation.eval_args import EvaluationArgsError, add_evaluation_args, check_evaluation_args
+from sdxl_trainer.evaluation.eval_args import EvaluationArgsError, add_args, check_args
 from sdxl_trainer.evaluation.scorers import pil_to_uint8_chw
 from sdxl_trainer.evaluation.support import (
     METRIC_TAGS,
@@ -41,7 +41,7 @@ from sdxl_trainer.evaluation.support import (
     write_reference_cache,
 )
 
-__all__ = ["Evaluator", "EvaluationArgsError", "add_evaluation_args", "check_evaluation_args", "validation_seed"]
+__all__ = ["Evaluator", "EvaluationArgsError", "add_args", "check_args", "validation_seed"]
 
 
 class Evaluator:
@@ -66,7 +66,7 @@ class Evaluator:
         log=print,
     ):
         try:
-            check_evaluation_args(args)
+            check_args(args)
         except sampling.SamplePromptsError as exc:
             raise EvaluationArgsError(str(exc)) from exc
         self.args = args

@@ -44,16 +44,19 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> dic
     max_norm = tr.args.max_grad_norm if tr.args.max_grad_norm > 0 else math.inf
     grad_norm = optimizers.clip_grad_norm_(tr.optimizer, max_norm, tr.shard_group)  # before the step (B3)
 
-    # The step's one collective and host sync: every rank gets the same loss, norm and stop request.
+    # The step's one collective and host sync: every rank gets the same loss, norm and stop request. Columns are
+    # named so that a new per-rank figure is one more entry here, read back by name below.
     alloc, peak = memory_gib(dev)
-    extras = torch.tensor([float(bool(_STOP_SIGNAL)), alloc, peak], device=dev)
-    norm = grad_norm.reshape(1).float().to(dev)  # on the CPU with --cpu_offload
-    mine = torch.cat([(loss_sum / len(micro_batches)).reshape(1), norm, extras]).double()
-    gathered = [torch.empty_like(mine) for _ in range(tr.info.world_size)]
-    dist.all_gather(gathered, mine)
-    table = torch.stack(gathered).tolist()
-    loss_value = sum(row[0] for row in table) / len(table)
-    finite = math.isfinite(loss_value) and math.isfinite(table[0][1])
+    mine_by_name = {
+        "loss": loss_sum / len(micro_batches),
+        "grad_norm": grad_norm.float().to(dev),  # on the CPU with --cpu_offload
+        "stop": float(bool(_STOP_SIGNAL)),
+        "alloc_gib": alloc,
+        "peak_gib": peak,
+    }
+    table = _gather_rows(mine_by_name, dev, tr.info.world_size)
+    loss_value = sum(row["loss"] for row in table) / len(table)
+    finite = math.isfinite(loss_value) and math.isfinite(table[0]["grad_norm"])
     lr = tr.optimizer.param_groups[0]["lr"]
 
     loss_scale = None
@@ -70,10 +73,21 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> dic
         tr.lr_scheduler.step()  # once per optimizer step, on every rank (B4)
     return {
         "loss": loss_value,
-        "grad_norm": table[0][1],
+        "grad_norm": table[0]["grad_norm"],
         "lr": lr,
         "finite": finite,
         "loss_scale": loss_scale,
-        "stop": any(row[2] > 0 for row in table),
-        "memory_gib": [(row[3], row[4]) for row in table],
+        "stop": any(row["stop"] > 0 for row in table),
+        "memory_gib": [(row["alloc_gib"], row["peak_gib"]) for row in table],
     }
+
+
+def _gather_rows(mine_by_name: dict[str, torch.Tensor | float], device: torch.device, world_size: int) -> list[dict]:
+    """All-gather one row of named scalars per rank (float64); returns each rank's row as a name -> float dict."""
+    names = list(mine_by_name)
+    mine = torch.stack(
+        [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in mine_by_name.values()]
+    )
+    gathered = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(gathered, mine)
+    return [dict(zip(names, row, strict=True)) for row in torch.stack(gathered).tolist()]

@@ -2,7 +2,7 @@
 
 Flag names and meanings follow the original trainer (seed_reference.md §1.1) plus the flags users of the
 accelerate/diffusers example scripts expect. One parser holds everything: the evaluation flags (samples,
-validation images and scores) are added by `sdxl_trainer.evaluation.eval_args.add_evaluation_args`.
+validation images and scores) and every group in `_flag_modules` are declared by their own modules.
 """
 
 from __future__ import annotations
@@ -264,15 +264,18 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     _add_run_args(parser)
     _add_checkpoint_args(parser)
     _add_validation_loss_args(parser)
-    _add_evaluation_args(parser)
+    for module in _flag_modules():
+        module.add_args(parser)
     return parser
 
 
-def _add_evaluation_args(parser: argparse.ArgumentParser) -> None:
-    """Samples, validation images and scores: declared by the evaluation module, parsed here (one parser)."""
+def _flag_modules() -> list:
+    """Modules that declare a group of the trainer's flags beside the code that uses them, each with
+    `add_args(parser)` and `check_args(args)` (raising ValueError naming the flag). A new group of flags is a new
+    module with those two functions, listed here."""
     from sdxl_trainer.evaluation import eval_args
 
-    eval_args.add_evaluation_args(parser)
+    return [eval_args]
 
 
 WEIGHT_DTYPES = {
@@ -319,12 +322,13 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ArgsError("--optimizer adafactor with --mixed_precision fp16: use bf16 (Adafactor has no loss scaling)")
     if args.validation_loss and args.validation_loss_percent <= 0:
         raise ArgsError("--validation_loss needs --validation_loss_percent > 0")
-    from sdxl_trainer.evaluation import eval_args
-
-    try:
-        eval_args.check_evaluation_args(args)
-    except ValueError as exc:  # EvaluationArgsError / SamplePromptsError, both naming their flag
-        raise ArgsError(str(exc)) from exc
+    for module in _flag_modules():
+        try:
+            module.check_args(args)
+        except ArgsError:
+            raise
+        except ValueError as exc:  # each module's own error type (e.g. EvaluationArgsError), naming its flag
+            raise ArgsError(str(exc)) from exc
     args.ignored_flags = [f"--{n}" for n in ("upscale_use_GFPGAN", "save_upscale_samples") if getattr(args, n)]
     if args.set_seed is None:
         args.set_seed = DEFAULT_SEED
