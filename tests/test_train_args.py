@@ -27,6 +27,13 @@ TRAINER_FLAGS = [
     "--sharding", "--single_file_config", "--start_save_model_epoch", "--train_batch_size", "--upscale_to_resolution",
     "--upscale_use_GFPGAN", "--validation_loss", "--validation_loss_every_n_epochs", "--validation_loss_percent",
     "--verify_cached_dataset_hash_values", "--weight_dtype",
+    # issue 17a: the training objective (training/objective_args.py)
+    "--debiased_estimation_loss", "--huber_c", "--huber_schedule", "--input_perturbation", "--logit_mean",
+    "--logit_std", "--loss_type", "--max_timestep", "--min_timestep", "--multires_noise_discount",
+    "--multires_noise_iterations", "--noise_offset", "--noise_offset_random_strength", "--prediction_type",
+    "--sample_guidance_rescale", "--snr_gamma", "--timestep_bias_begin", "--timestep_bias_end",
+    "--timestep_bias_multiplier", "--timestep_bias_portion", "--timestep_bias_strategy", "--timestep_sampling",
+    "--zero_terminal_snr",
 ]  # fmt: skip
 
 # The original trainer's flags (seed_reference.md §1.1) that the trainer itself still owns.

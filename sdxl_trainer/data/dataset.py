@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 
 from sdxl_trainer.data import cache_format, cache_reader
 from sdxl_trainer.data.sampler import VALIDATION_EPOCH, DataError, Entry, mix_seed
-from sdxl_trainer.training import objective
+from sdxl_trainer.training import noise as noise_options
+from sdxl_trainer.training import objective, timesteps
 
 
 def resolve_cache_paths(dirs: Sequence[str], lists: Sequence[str]) -> list[Path]:
@@ -106,6 +107,8 @@ class CachedLatentDataset(Dataset):
         seed: int,
         num_train_timesteps: int,
         dropout_fraction: float,
+        timestep_options: timesteps.TimestepOptions | None = None,
+        noise: noise_options.NoiseOptions | None = None,
     ):
         self.caches = list(caches)
         self.entries = list(entries)
@@ -113,6 +116,8 @@ class CachedLatentDataset(Dataset):
         self.num_train_timesteps = num_train_timesteps
         self.dropout_fraction = dropout_fraction
         self.empty = [c.load_empty_embeddings() for c in self.caches]
+        self.timesteps = timesteps.TimestepSampler(timestep_options or timesteps.TimestepOptions(), num_train_timesteps)
+        self.noise_options = noise or noise_options.NoiseOptions()
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -122,16 +127,17 @@ class CachedLatentDataset(Dataset):
         entry = self.entries[index]
         tensors = self.caches[entry.cache_index].load_item_tensors(entry.item)
         g = torch.Generator().manual_seed(mix_seed(self.seed, "sample", entry.uid, perm_epoch))
-        # Fixed draw order: dropout, posterior sample, noise, timestep.
+        # Fixed draw order: dropout, posterior sample, noise, timestep, then the noise options' draws (none when
+        # they are off, so that turning no option on leaves the stream as it was).
         drop = torch.rand((), generator=g).item() < self.dropout_fraction and perm_epoch != VALIDATION_EPOCH
         text = self.empty[entry.cache_index] if drop else tensors
         latents = objective.sample_latents(tensors["latent_mean"], tensors["latent_std"], g)
         noise = objective.sample_noise(latents.shape, g)
-        timestep = objective.sample_timesteps(1, self.num_train_timesteps, g)[0]
+        timestep = self.timesteps.sample(g)
         it = entry.item
         return {
             "latents": latents,
-            "noise": noise,
+            **noise_options.shape_noise(noise, self.noise_options, g),
             "timesteps": timestep,
             "prompt_embeds": text["prompt_embeds"].float(),
             "pooled_prompt_embeds": text["pooled_prompt_embeds"].float(),

@@ -210,8 +210,14 @@ class Evaluator:
     def _pipeline(self):
         if self._pipe is None:
             from sdxl_trainer.models import loading
+            from sdxl_trainer.training import prediction
 
             pipe = loading.load_pipeline(self.pretrained, vae_override=self.vae_override, torch_dtype=self.dtype)
+            # Sample as the model is trained: its target, and trailing spacing with zero terminal SNR.
+            a = self.args
+            pipe.scheduler = prediction.inference_scheduler(
+                pipe.scheduler, getattr(a, "prediction_type", None), getattr(a, "zero_terminal_snr", False)
+            )
             pipe.set_progress_bar_config(disable=True)
             self._pipe = pipe
         return self._pipe
@@ -223,8 +229,13 @@ class Evaluator:
     def _generate(self, pipe, prompts, seeds, size_wh) -> list[Image.Image]:
         a = self.args
         w, h = size_wh
+        from sdxl_trainer.training import prediction
+
+        rescale = prediction.guidance_rescale(
+            getattr(a, "zero_terminal_snr", False), getattr(a, "sample_guidance_rescale", None)
+        )
         return sampling.generate_images(
-            pipe, prompts, seeds, w, h, a.sample_steps, a.sample_guidance_scale, a.sample_batch_size
+            pipe, prompts, seeds, w, h, a.sample_steps, a.sample_guidance_scale, a.sample_batch_size, rescale
         )
 
     # ------------------------------------------------------------------ samples

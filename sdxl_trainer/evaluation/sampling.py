@@ -75,6 +75,7 @@ def generate_images(
     steps: int,
     guidance_scale: float,
     batch_size: int = 1,
+    guidance_rescale: float = 0.0,
 ) -> list[Image.Image]:
     """One image per (prompt, seed). Each image has its own CPU generator, so it does not depend on the
     batch it lands in, on the rank that makes it, or on any global RNG (the training RNG is untouched)."""
@@ -90,6 +91,7 @@ def generate_images(
             height=height_px,
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
             generator=generators,
             output_type="pil",
         )

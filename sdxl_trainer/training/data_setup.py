@@ -17,7 +17,7 @@ from sdxl_trainer.data.dataset import (
     resolve_cache_paths,
 )
 from sdxl_trainer.distributed import DistInfo, check_same_on_all_ranks
-from sdxl_trainer.training import lr_schedule
+from sdxl_trainer.training import lr_schedule, objective_args
 from sdxl_trainer.training.run_log import logger
 
 
@@ -93,8 +93,9 @@ def build_training_data(
         )
     total, num_epochs, per_epoch = plan_lengths(args, training, global_batch)
     dataset = CachedLatentDataset(
-        caches, training + validation, args.set_seed, num_train_timesteps, args.conditional_dropout_percent
-    )
+        caches, training + validation, args.set_seed, num_train_timesteps, args.conditional_dropout_percent,
+        objective_args.timestep_options(args), objective_args.noise_options(args),
+    )  # fmt: skip
     offset = len(training)
     batches = sampler.validation_batches([e.bucket_wh for e in validation], global_batch)
     keys = [(offset + i, w) for b in batches for i, w in b]

@@ -35,7 +35,10 @@ def save_model(tr: Trainer, name: str) -> None:
     full = tr.optimizer.full_model_state_dict(tr.unet)
     if tr.info.is_main_process:
         a = tr.args
-        out = saving.save_pipeline(a.pretrained_model_name_or_path, full, tr.run_dir / name, a.weight_dtype)
+        out = saving.save_pipeline(
+            a.pretrained_model_name_or_path, full, tr.run_dir / name, a.weight_dtype, a.prediction_type,
+            a.zero_terminal_snr,
+        )  # fmt: skip
         logger.info(f"saved the {a.weight_dtype} pipeline to {out}")
         if a.save_single_file:
             logger.info(f"saved the single-file checkpoint {saving.save_single_file(out, a.weight_dtype)}")

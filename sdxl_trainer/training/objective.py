@@ -76,7 +76,8 @@ def predict(unet: torch.nn.Module, scheduler, batch: dict[str, torch.Tensor]) ->
     """The UNet's prediction and the training target for one batch (tensors already on the device): noisy
     latents by the scheduler, SDXL conditioning = context, pooled text embedding and per-sample time ids."""
     latents, noise, timesteps = batch["latents"], batch["noise"], batch["timesteps"]
-    noisy = add_noise(scheduler, latents, noise, timesteps)
+    # With --input_perturbation the input is noised with a perturbed noise while the target keeps `noise`.
+    noisy = add_noise(scheduler, latents, batch.get("input_noise", noise), timesteps)
     target = training_target(scheduler, latents, noise, timesteps)
     prediction = unet(
         noisy,

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from sdxl_trainer.models import loading
+from sdxl_trainer.training import prediction
 
 HANDOFF_FILE = "unet.safetensors"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -67,11 +68,20 @@ def _unet_from_state_dict(pretrained: str, full_state_dict: dict[str, torch.Tens
     return unet
 
 
-def save_pipeline(pretrained: str, full_state_dict: dict[str, torch.Tensor], out_dir: Path, dtype_name: str) -> Path:
-    """Rank 0: base pipeline + trained UNet, saved as a diffusers folder (written to a temp folder, renamed)."""
+def save_pipeline(
+    pretrained: str,
+    full_state_dict: dict[str, torch.Tensor],
+    out_dir: Path,
+    dtype_name: str,
+    prediction_type: str | None = None,
+    zero_terminal_snr: bool = False,
+) -> Path:
+    """Rank 0: base pipeline + trained UNet, saved as a diffusers folder (written to a temp folder, renamed).
+    The scheduler is the base's, changed to the trained target and schedule (`prediction.inference_scheduler`)."""
     dtype = DTYPES[dtype_name]
     unet = _unet_from_state_dict(pretrained, full_state_dict, dtype)
     pipe = loading.load_pipeline(pretrained, torch_dtype=dtype, unet=unet)
+    pipe.scheduler = prediction.inference_scheduler(pipe.scheduler, prediction_type, zero_terminal_snr)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

@@ -14,7 +14,17 @@ from sdxl_trainer.data.sampler import SamplerState, mix_seed
 from sdxl_trainer.distributed import DistInfo, barrier, init_distributed
 from sdxl_trainer.models import loading
 from sdxl_trainer.training import checkpoint as ckpt
-from sdxl_trainer.training import compiling, data_setup, lr_schedule, optimizers, saving, sharding, validation
+from sdxl_trainer.training import (
+    compiling,
+    data_setup,
+    lr_schedule,
+    objective_args,
+    optimizers,
+    prediction,
+    saving,
+    sharding,
+    validation,
+)
 from sdxl_trainer.training.flat_master import FlatMasterOptimizer
 from sdxl_trainer.training.run_log import (
     RunLogger,
@@ -50,6 +60,11 @@ def setup(args: argparse.Namespace) -> Trainer:
     resume_state = json.loads((resume_path / ckpt.TRAIN_STATE).read_text()) if resume_path else None
 
     noise_scheduler = loading.load_noise_scheduler(args.pretrained_model_name_or_path)
+    try:  # --prediction_type / --zero_terminal_snr: the schedule and target trained from here on
+        noise_scheduler = prediction.training_scheduler(noise_scheduler, args)
+        objective_args.check_against_schedule(args, noise_scheduler.config.num_train_timesteps)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from exc
     td = data_setup.build_training_data(args, info, noise_scheduler.config.num_train_timesteps, resume_state)
 
     try:
@@ -115,5 +130,5 @@ def setup(args: argparse.Namespace) -> Trainer:
     )
     return Trainer(
         args, info, run_dir, unet, noise_scheduler, optimizer, lr_scheduler, scaler, td, sampler, progress, log,
-        evaluator, handoff, config, mesh.get_group("shard"),
+        evaluator, handoff, config, mesh.get_group("shard"), objective_args.loss_options(args),
     )  # fmt: skip

@@ -60,6 +60,7 @@ class Trainer:
     handoff_dir: Path
     config: dict
     shard_group: object  # the process group that shards each tensor (gradient norms are summed over it)
+    loss_options: dict = field(default_factory=dict)  # keyword arguments of `loss.per_sample_loss`
     throughput: Throughput = field(default_factory=Throughput)
     start_time: float = field(default_factory=time.monotonic)
 

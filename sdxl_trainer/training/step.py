@@ -13,7 +13,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from sdxl_trainer.training import objective, optimizers
+from sdxl_trainer.training import loss, objective, optimizers
 from sdxl_trainer.training.run_log import (
     memory_gib,
 )
@@ -32,9 +32,10 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> dic
     for batch in micro_batches:
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         prediction, target = objective.predict(tr.unet, tr.noise_scheduler, batch)
-        loss = objective.mse_loss(prediction, target)
-        loss_sum += loss.detach()
-        scaled = loss / len(micro_batches)
+        per_sample = loss.per_sample_loss(prediction, target, batch["timesteps"], tr.noise_scheduler, **tr.loss_options)
+        micro_loss = loss.reduce_loss(per_sample)
+        loss_sum += micro_loss.detach()
+        scaled = micro_loss / len(micro_batches)
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         tr.optimizer.after_backward()
 

@@ -1,0 +1,108 @@
+"""The objective options through the real training script on the tiny model (issue 17): every loss, noise,
+schedule and timestep option reaches the step, and a v-prediction / zero-terminal-SNR run saves a pipeline that
+diffusers loads with the matching scheduler and samples from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import base_args, read_metrics, write_synthetic_cache
+
+import sdxl_fsdp_train
+from sdxl_trainer.training import loss, objective
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cache")
+    write_synthetic_cache(root / "ds", {(64, 64): 6})
+    return root
+
+
+def _spy(monkeypatch) -> list[dict]:
+    """Record what each micro-batch's loss saw: the timesteps, whether the input was perturbed, the options."""
+    seen: list[dict] = []
+    real_predict, real_loss = objective.predict, loss.per_sample_loss
+
+    def predict(unet, scheduler, batch):
+        seen.append({"timesteps": batch["timesteps"].tolist(), "input_noise": "input_noise" in batch,
+                     "prediction_type": scheduler.config.prediction_type,
+                     "terminal_alpha_bar": scheduler.alphas_cumprod[-1].item()})  # fmt: skip
+        return real_predict(unet, scheduler, batch)
+
+    def per_sample_loss(*args, **kwargs):
+        seen[-1]["loss_options"] = kwargs
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(objective, "predict", predict)
+    monkeypatch.setattr(loss, "per_sample_loss", per_sample_loss)
+    return seen
+
+
+def test_v_prediction_zero_terminal_snr_and_robust_loss_train_and_export(tiny_model_dir, cache_root, tmp_path,
+                                                                         monkeypatch):  # fmt: skip
+    seen = _spy(monkeypatch)
+    out = tmp_path / "v"
+    argv = base_args(
+        tiny_model_dir, cache_root, out, "--max_train_steps", "3", "--prediction_type", "v_prediction",
+        "--zero_terminal_snr", "--loss_type", "huber", "--huber_c", "0.2", "--snr_gamma", "5",
+        "--noise_offset", "0.1", "--noise_offset_random_strength", "--multires_noise_iterations", "3",
+        "--input_perturbation", "0.1", "--timestep_sampling", "logit_normal", "--min_timestep", "100",
+        "--max_timestep", "900",
+    )  # fmt: skip
+    assert sdxl_fsdp_train.main(argv) == 0
+    steps = read_metrics(out)
+    assert len(steps) == 3 and all(r["finite"] for r in steps)
+    train_seen = [s for s in seen if "loss_options" in s]
+    assert len(train_seen) == 3
+    for s in train_seen:
+        assert s["prediction_type"] == "v_prediction" and s["terminal_alpha_bar"] == 0.0
+        assert s["input_noise"] and all(100 <= t < 900 for t in s["timesteps"])
+        assert s["loss_options"] == {"loss_type": "huber", "huber_c": 0.2, "huber_schedule": "snr", "snr_gamma": 5.0,
+                                     "debiased_estimation": False}  # fmt: skip
+
+    # The exported pipeline: diffusers loads it with the trained target and the zero-terminal-SNR schedule.
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(out / "final"), torch_dtype=torch.float32)
+    cfg = pipe.scheduler.config
+    assert cfg.prediction_type == "v_prediction" and cfg.rescale_betas_zero_snr and cfg.timestep_spacing == "trailing"
+    saved = json.loads((out / "final" / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["prediction_type"] == "v_prediction" and saved["rescale_betas_zero_snr"] is True
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a photo", num_inference_steps=2, guidance_rescale=0.7, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]  # fmt: skip
+    assert image.shape == (64, 64, 3) and bool(torch.isfinite(torch.from_numpy(image)).all())
+
+
+def test_epsilon_options_train_and_change_the_loss(tiny_model_dir, cache_root, tmp_path, monkeypatch):
+    seen = _spy(monkeypatch)
+    common = ["--max_train_steps", "2", "--no-save_final_model"]
+    plain, opts = tmp_path / "plain", tmp_path / "opts"
+    assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, plain, *common)) == 0
+    n_plain = len(seen)
+    argv = base_args(
+        tiny_model_dir, cache_root, opts, *common, "--loss_type", "smooth_l1", "--huber_schedule", "exponential",
+        "--debiased_estimation_loss", "--noise_offset", "0.05", "--timestep_bias_strategy", "range",
+        "--timestep_bias_begin", "0", "--timestep_bias_end", "200", "--timestep_bias_multiplier", "1000",
+    )  # fmt: skip
+    assert sdxl_fsdp_train.main(argv) == 0
+    mine = seen[n_plain:]
+    assert all(s["prediction_type"] == "epsilon" and not s["input_noise"] for s in mine)
+    assert mine[0]["loss_options"]["loss_type"] == "smooth_l1" and mine[0]["loss_options"]["debiased_estimation"]
+    drawn = [t for s in mine for t in s["timesteps"]]
+    assert sum(t < 200 for t in drawn) >= len(drawn) - 1  # the range holds ~99.6% of the probability
+    a, b = read_metrics(plain), read_metrics(opts)
+    assert all(r["finite"] for r in a + b) and a[0]["loss"] != b[0]["loss"]
+    # No option given: the default run's timesteps are uniform draws over the whole range (unchanged stream).
+    assert max(t for s in seen[:n_plain] for t in s["timesteps"]) >= 200
+
+
+def test_zero_terminal_snr_with_an_epsilon_model_is_refused_naming_the_flag(tiny_model_dir, cache_root, tmp_path):
+    with pytest.raises(Exception, match="--zero_terminal_snr needs a v-prediction"):
+        sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, tmp_path / "r", "--zero_terminal_snr"))
