@@ -34,6 +34,8 @@ TRAINER_FLAGS = [
     "--sample_guidance_rescale", "--snr_gamma", "--timestep_bias_begin", "--timestep_bias_end",
     "--timestep_bias_multiplier", "--timestep_bias_portion", "--timestep_bias_strategy", "--timestep_sampling",
     "--zero_terminal_snr",
+    # issue 18: FP8 matmuls (training/fp8_args.py)
+    "--fp8", "--fp8_min_features",
 ]  # fmt: skip
 
 # The original trainer's flags (seed_reference.md §1.1) that the trainer itself still owns.

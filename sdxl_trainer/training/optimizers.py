@@ -27,6 +27,8 @@ import math
 import torch
 from torch.distributed.tensor import DTensor
 
+from sdxl_trainer.training import fp8
+
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes' default threshold, applied to the global element count
 
 
@@ -98,7 +100,7 @@ class LocalShardOptimizer:
     def model_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return get_model_state_dict(model)
+        return fp8.plain_weights(get_model_state_dict(model))
 
     def load_model_state_dict(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
@@ -109,7 +111,8 @@ class LocalShardOptimizer:
         """Collective. Rank 0 gets the full fp32 state dict on CPU; the others get an empty dict."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return fp8.plain_weights(full)
 
 
 def _bnb_factory(kind: str, args: argparse.Namespace):

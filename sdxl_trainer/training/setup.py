@@ -17,6 +17,7 @@ from sdxl_trainer.training import checkpoint as ckpt
 from sdxl_trainer.training import (
     compiling,
     data_setup,
+    fp8,
     lr_schedule,
     objective_args,
     optimizers,
@@ -72,10 +73,15 @@ def setup(args: argparse.Namespace) -> Trainer:
     except sharding.ShardingError as exc:
         raise TrainingError(str(exc)) from exc
     mesh = sharding.build_mesh(args.sharding, info)
+    try:  # refuses cards without FP8 matmuls
+        fp8_plan = fp8.Fp8Plan.for_run(args.fp8, args.fp8_min_features, info.device, args.sharding, args.cpu_offload)
+    except fp8.Fp8Error as exc:
+        raise TrainingError(str(exc)) from exc
     if args.sharding == "none":
         unet = sharding.build_single_process_unet(
             args.pretrained_model_name_or_path, args.gradient_checkpointing, load_base_weights=resume_path is None
         )
+        fp8_plan.convert(unet)  # before the flat layout: Float8Linear keeps the same parameter objects
         compute = sharding.COMPUTE_DTYPES[args.mixed_precision]
         optimizer = FlatMasterOptimizer(unet, args.optimizer, optimizers.inner_factory(args), compute, info.device)
         elements = optimizer.master.numel()
@@ -84,6 +90,7 @@ def setup(args: argparse.Namespace) -> Trainer:
         unet = sharding.build_sharded_unet(
             args.pretrained_model_name_or_path, info, mesh, args.sharding, args.mixed_precision,
             args.gradient_checkpointing, load_base_weights=resume_path is None, cpu_offload=args.cpu_offload,
+            convert=fp8_plan.convert,
         )  # fmt: skip
         shards = sharding.verify_sharding(unet, mesh, args.sharding)  # refuses to train if sharding is not in effect
         optimizer = optimizers.build_optimizer(args, list(unet.parameters()))
@@ -123,12 +130,16 @@ def setup(args: argparse.Namespace) -> Trainer:
         signal.signal(sig, _request_stop)
     logger.info(
         f"{info.world_size} processes on {info.num_nodes} node(s), --sharding {args.sharding} {shards}, compute "
-        f"{args.mixed_precision}, --compile {args.compile} ({compiled_modules} modules compiled); "
+        f"{args.mixed_precision}, --fp8 {args.fp8} {fp8_plan.report}, --compile {args.compile} "
+        f"({compiled_modules} modules compiled); "
         f"{len(td.training)} training items, {len(td.validation)} held out; global batch {td.global_batch} x "
         f"accumulation {args.gradient_accumulation_steps} = {config['effective_batch']} images per optimizer step; "
         f"{td.total_steps} optimizer steps (per epoch: {td.steps_per_epoch[:5]}...); {run_dir}"
     )
-    return Trainer(
+    tr = Trainer(
         args, info, run_dir, unet, noise_scheduler, optimizer, lr_scheduler, scaler, td, sampler, progress, log,
         evaluator, handoff, config, mesh.get_group("shard"), objective_args.loss_options(args),
     )  # fmt: skip
+    if fp8_plan.float8_all_gather:  # each float8 weight's scale for the next all-gather, in one all-reduce
+        tr.after_optimizer_step.append(lambda: fp8.precompute_scales(unet))
+    return tr

@@ -153,8 +153,10 @@ def build_sharded_unet(
     gradient_checkpointing: bool,
     load_base_weights: bool = True,
     cpu_offload: bool = False,
+    convert=None,
 ) -> torch.nn.Module:
     """The UNet built on the meta device, sharded, then filled with the base weights streamed from rank 0.
+    `convert(unet)`, if given, changes module types before sharding (FP8 linear layers, training/fp8.py).
 
     No rank but rank 0 ever holds a full fp32 copy in CPU RAM (the original loaded one per rank, B30).
     When resuming, the checkpoint fills the shards instead (`load_base_weights=False`).
@@ -168,6 +170,8 @@ def build_sharded_unet(
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
     unet.train()
+    if convert is not None:
+        convert(unet)
     if gradient_checkpointing:
         apply_activation_checkpointing(unet)
     apply_fsdp(unet, mesh, strategy, build_mp_policy(mixed_precision), cpu_offload)

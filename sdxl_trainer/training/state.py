@@ -61,6 +61,8 @@ class Trainer:
     config: dict
     shard_group: object  # the process group that shards each tensor (gradient norms are summed over it)
     loss_options: dict = field(default_factory=dict)  # keyword arguments of `loss.per_sample_loss`
+    # Called after every optimizer step that updated the weights (e.g. FP8 scales for FSDP's float8 all-gather).
+    after_optimizer_step: list = field(default_factory=list)
     throughput: Throughput = field(default_factory=Throughput)
     start_time: float = field(default_factory=time.monotonic)
 

@@ -68,6 +68,9 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> dic
         scaler.update()
     elif finite:
         tr.optimizer.step(bind=False)  # bound above, before unscaling and clipping
+    if finite:
+        for hook in tr.after_optimizer_step:
+            hook()
     tr.optimizer.zero_grad()
     with warnings.catch_warnings():  # a skipped step still advances the schedule, which torch warns about
         warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
