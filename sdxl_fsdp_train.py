@@ -20,7 +20,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sdxl_trainer.training import loop, train_args
 
     args = train_args.parse_args(argv, description=__doc__)
-    summary = loop.main(args)
+    try:
+        summary = loop.main(args)
+    except loop.REFUSALS as exc:  # the run folder or checkpoint does not allow this run: one clear message
+        print(f"sdxl_fsdp_train.py: error: {exc}", file=sys.stderr)
+        return 2
     return 0 if summary.get("completed") or summary.get("stopped_by_signal") else 1
 
 

@@ -37,6 +37,8 @@ TRAINER_FLAGS = [
     # issue 18: FP8 matmuls (training/fp8_args.py)
     "--fp8", "--fp8_min_features",
 ]  # fmt: skip
+# Issue 15 (checkpoints and resumes you can trust): training/run_args.py.
+TRAINER_FLAGS += ["--checkpointing_minutes", "--overwrite_output_dir"]
 
 # The original trainer's flags (seed_reference.md §1.1) that the trainer itself still owns.
 ORIGINAL_FLAGS = [

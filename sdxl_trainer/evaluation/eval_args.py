@@ -11,6 +11,21 @@ import argparse
 from sdxl_trainer.arg_types import non_negative_int, positive_fraction, positive_int
 from sdxl_trainer.evaluation import sampling, score_math, scorers
 
+# Resume (training.resume_check): evaluation settings may change between a checkpoint and its resume (the
+# hold-out itself is the checkpoint's).
+RESUME_RULES = {
+    name: "may_change"
+    for name in (
+        "save_samples", "num_sample_images", "sample_prompts", "save_samples_every_n_epochs",
+        "start_save_samples_epoch", "sample_steps", "sample_guidance_scale", "sample_seed", "sample_width_px",
+        "sample_height_px", "sample_batch_size", "sample_grid_max_rows", "validation_image",
+        "validation_image_every_n_epochs", "save_validation_images", "metrics", "metrics_inception_weights",
+        "metrics_lpips_backbone", "metrics_hps_checkpoint", "metrics_hps_model", "metrics_batch_size",
+        "metrics_is_splits", "metrics_kid_subsets", "metrics_kid_subset_size", "keep_eval_models_on_device",
+        "validation_image_percent",
+    )
+}  # fmt: skip
+
 
 class EvaluationArgsError(ValueError):
     """An evaluation flag is invalid; the message names it."""

@@ -137,24 +137,22 @@ class Evaluator:
                 self._note(line)
 
     # ------------------------------------------------------------------ when
-    def wants_samples(self, epoch: int) -> bool:
+    def wants_samples(self, epoch: int, final: bool = False) -> bool:
+        """`final`: the evaluation of the last step of a run that ends mid-epoch: whatever is enabled runs."""
         a = self.args
-        return (
-            bool(a.save_samples)
-            and epoch % a.save_samples_every_n_epochs == 0
-            and (epoch == 0 or epoch >= a.start_save_samples_epoch)
-        )
+        due = epoch % a.save_samples_every_n_epochs == 0 and (epoch == 0 or epoch >= a.start_save_samples_epoch)
+        return bool(a.save_samples) and (final or due)
 
-    def wants_validation(self, epoch: int) -> bool:
-        return bool(self.validation_items) and epoch % self.args.validation_image_every_n_epochs == 0
+    def wants_validation(self, epoch: int, final: bool = False) -> bool:
+        return bool(self.validation_items) and (final or epoch % self.args.validation_image_every_n_epochs == 0)
 
-    def wants_to_run(self, epoch: int) -> bool:
-        return self.wants_samples(epoch) or self.wants_validation(epoch)
+    def wants_to_run(self, epoch: int, final: bool = False) -> bool:
+        return self.wants_samples(epoch, final) or self.wants_validation(epoch, final)
 
     # ------------------------------------------------------------------ entry point
-    def run(self, epoch: int, unet_state_dict_path: Path | None) -> dict[str, float]:
+    def run(self, epoch: int, unet_state_dict_path: Path | None, final: bool = False) -> dict[str, float]:
         """Collective: every rank calls it. Returns the scores (the same dict on every rank)."""
-        if not self.wants_to_run(epoch):
+        if not self.wants_to_run(epoch, final):
             return {}
         start = time.monotonic()
         pipe = self._pipeline()
@@ -163,9 +161,9 @@ class Evaluator:
         pipe.to(self.device)
         result: dict[str, float] = {}
         try:
-            if self.wants_samples(epoch):
+            if self.wants_samples(epoch, final):
                 self._run_samples(epoch, pipe)
-            if self.wants_validation(epoch):
+            if self.wants_validation(epoch, final):
                 result = self._run_validation(epoch, pipe)
         finally:
             # Give the GPU back to training: the pipeline and scorers wait on the CPU.

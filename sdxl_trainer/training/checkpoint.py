@@ -4,11 +4,14 @@ resumable with `--resume_from_checkpoint auto|PATH`.
     model/                 the sharded UNet (torch.distributed.checkpoint, safetensors shards; reshardable)
     optimizer/rank<R>.*    each rank's local-shard optimizer state (safetensors + JSON), incl. 8-bit state
     rng/rank<R>.*          every rank's RNG states (torch CPU/CUDA, python, numpy)
-    config.json            the resolved flags of the run that wrote it
+    extra/<name>/rank<R>.* further per-rank state objects (`extra=` of save/load_checkpoint: EMA, ...)
+    config.json            the resolved flags of the run that wrote it (compared on resume: resume_check.py)
     train_state.json       step, epoch, sampler position and carried items, LR scheduler, grad scaler,
-                           counters, validation split; written last: its presence marks a complete checkpoint
+                           counters, validation split, run id; its presence marks a complete checkpoint
+    manifest.json          size and sha256 of every file above, written last (checkpoint_integrity.py)
 
-All ranks write into `.tmp-step-<N>/`; after a barrier rank 0 renames it to `step-<N>/`. Nothing is pickled.
+All ranks write into `.tmp-step-<N>/`; after a barrier rank 0 hashes it and swaps it in as `step-<N>/`, replacing
+any earlier folder of that step whole. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
 from sdxl_trainer.distributed import DistInfo, barrier
+from sdxl_trainer.training import checkpoint_integrity as integrity
 
 TRAIN_STATE = "train_state.json"
 PREFIX = "step-"
@@ -62,6 +66,47 @@ def find_resume_checkpoint(resume: str | None, output_dir: str | Path) -> Path |
     if not (path / TRAIN_STATE).is_file():
         raise CheckpointError(f"--resume_from_checkpoint: {path} is not a complete checkpoint ({TRAIN_STATE} missing)")
     return path
+
+
+def step_folders(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Every `step-<N>` folder, complete or not, oldest first."""
+    root = checkpoints_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(p.name[len(PREFIX) :]), p) for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+             and p.name[len(PREFIX) :].isdigit()]  # fmt: skip
+    return sorted(found)
+
+
+def choose_resume_checkpoint(resume: str | None, output_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from, verified against its manifest, and notes naming each damaged or incomplete
+    checkpoint that was passed over. 'auto' falls back to the newest intact one (None: none at all, start
+    fresh); a damaged explicit path, or a folder whose every checkpoint is damaged, is an error."""
+    path = find_resume_checkpoint(resume, output_dir)
+    if path is None:
+        return None, []
+    if resume != "auto":
+        problems = integrity.verify_checkpoint(path)
+        if problems:
+            raise CheckpointError(
+                f"--resume_from_checkpoint {path} is damaged:\n  " + "\n  ".join(problems) + "\nResume from an "
+                "earlier checkpoint (or --resume_from_checkpoint auto, which skips damaged ones)."
+            )
+        return path, []
+    notes = []
+    complete = dict(list_checkpoints(output_dir))
+    for step, folder in reversed(step_folders(output_dir)):
+        if step not in complete:
+            notes.append(f"checkpoint {folder} is incomplete ({TRAIN_STATE} missing) and was skipped")
+            continue
+        problems = integrity.verify_checkpoint(folder)
+        if not problems:
+            return folder, notes
+        notes.append(f"checkpoint {folder} is damaged and was skipped: " + "; ".join(problems))
+    raise CheckpointError(
+        "--resume_from_checkpoint auto: every checkpoint in "
+        f"{checkpoints_root(output_dir)} is damaged or incomplete:\n  " + "\n  ".join(notes)
+    )
 
 
 # ------------------------------------------------------------------------------ JSON <-> tensors
@@ -144,8 +189,38 @@ def set_rng_state(state: dict) -> None:
 
 def _write_json_atomic(path: Path, value: object) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1), encoding="utf-8")
+    tmp.write_text(json.dumps(value, indent=1, default=str), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """`tmp` becomes `final`; an existing `final` (another trajectory's step, or this run's older write of the
+    step) is replaced whole, never merged. A crash between the two renames leaves `.replaced-step-N` and no
+    `step-N`, so `auto` takes the previous checkpoint: never a mix of two writes."""
+    old = final.with_name(f".replaced-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _check_finite_weights(optimizer, what: str) -> None:
+    """Collective: refuse to save (or resume from) non-finite master weights, loudly."""
+    bad = integrity.count_nonfinite(list(optimizer.locals))
+    if bad:
+        raise CheckpointError(
+            f"{what}: the weights hold {bad if bad > 0 else 'an uncountable number of'} non-finite values; nothing "
+            "was saved from them. Resume from an earlier checkpoint with a lower --learning_rate."
+        )
 
 
 def save_checkpoint(
@@ -159,29 +234,44 @@ def save_checkpoint(
     train_state: dict,
     config: dict,
     total_limit: int | None = None,
+    refresh_only: bool = False,
+    extra: dict | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the final folder."""
+    """Collective: every rank calls it. Returns the final folder.
+
+    Everything is written into `.tmp-step-<N>/`, hashed into `manifest.json`, then swapped in whole.
+    `refresh_only`: the step's folder holds this very model and optimizer state (written or loaded by this
+    process at this step): its tensor files are hard-linked and only the train state and config are new.
+    `extra`: named objects with `state_dict()`/`load_state_dict()` (e.g. EMA weights), saved per rank under
+    `extra/<name>/rank<R>` the way the optimizer state is.
+    """
     root = checkpoints_root(output_dir)
     final = root / f"{PREFIX}{step}"
     tmp = root / f".tmp-{PREFIX}{step}"
-    if (final / TRAIN_STATE).is_file():
-        # This step is already saved (e.g. the end of an epoch, then evaluation and saving, then the end of the
-        # run): weights and optimizer are unchanged, only the counters moved on, so refresh the train state.
-        if info.is_main_process:
-            old = json.loads((final / TRAIN_STATE).read_text(encoding="utf-8"))
-            _write_json_atomic(final / TRAIN_STATE, {**old, **train_state})
-        barrier()
-        return final
+    refresh_only = refresh_only and (final / integrity.MANIFEST).is_file()
+    if not refresh_only:
+        _check_finite_weights(optimizer, f"checkpoint at step {step}")
     if info.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "optimizer").mkdir(parents=True)
         (tmp / "rng").mkdir()
     barrier()
-    writer = dcp.HuggingFaceStorageWriter(str(tmp / "model"), save_distributed=True)
-    dcp.save(optimizer.model_state_dict(model), storage_writer=writer)
-    opt_state = {"layout": optimizer.layout(), "name": optimizer.name, "state": optimizer.state_dict()}
-    save_structured(tmp / "optimizer" / f"rank{info.rank}", opt_state)
-    save_structured(tmp / "rng" / f"rank{info.rank}", rng_state())
+    if refresh_only:
+        known = (integrity.read_manifest(final) or {}).get("files", {})
+        if info.is_main_process:
+            for rel in known:
+                if rel not in (TRAIN_STATE, "config.json"):
+                    _link_or_copy(final / rel, tmp / rel)
+    else:
+        known = None
+        writer = dcp.HuggingFaceStorageWriter(str(tmp / "model"), save_distributed=True)
+        dcp.save(optimizer.model_state_dict(model), storage_writer=writer)
+        opt_state = {"layout": optimizer.layout(), "name": optimizer.name, "state": optimizer.state_dict()}
+        save_structured(tmp / "optimizer" / f"rank{info.rank}", opt_state)
+        save_structured(tmp / "rng" / f"rank{info.rank}", rng_state())
+        for name, obj in (extra or {}).items():
+            (tmp / "extra" / name).mkdir(parents=True, exist_ok=True)
+            save_structured(tmp / "extra" / name / f"rank{info.rank}", obj.state_dict())
     barrier()
     if info.is_main_process:
         state = dict(train_state)
@@ -190,8 +280,8 @@ def save_checkpoint(
         state["scaler"] = scaler.state_dict() if scaler is not None else None
         (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str), encoding="utf-8")
         _write_json_atomic(tmp / TRAIN_STATE, state)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        integrity.write_manifest(tmp, known)  # last: its presence and content vouch for every other file
+        _swap_in(tmp, final)
         if total_limit:
             for _, old in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -199,19 +289,27 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, info: DistInfo, model: torch.nn.Module, optimizer, lr_scheduler, scaler) -> dict:
-    """Collective: restores everything saved above into freshly built objects; returns the train state."""
+def load_checkpoint(
+    path: Path, info: DistInfo, model: torch.nn.Module, optimizer, lr_scheduler, scaler, extra: dict | None = None
+) -> dict:
+    """Collective: restores everything saved above into freshly built objects; returns the train state.
+
+    Optimizer state is read onto the CPU and placed by the optimizer's own `load_state_dict` (torch and
+    bitsandbytes move each state tensor to its parameter's device; torch keeps `step` counters on the CPU),
+    so `--cpu_offload` state stays beside its CPU parameters and GPU runs keep `step` on the host (a CUDA `step`
+    cost one host sync per tensor at every optimizer step)."""
     state = json.loads((path / TRAIN_STATE).read_text(encoding="utf-8"))
     model_sd = optimizer.model_state_dict(model)  # the fp32 master weights, whichever layout holds them
     dcp.load(model_sd, storage_reader=dcp.HuggingFaceStorageReader(str(path / "model")))
     optimizer.load_model_state_dict(model, model_sd)
+    _check_finite_weights(optimizer, f"--resume_from_checkpoint {path}")
     opt_stem = path / "optimizer" / f"rank{info.rank}"
     if state["world_size"] != info.world_size or not opt_stem.with_suffix(".json").is_file():
         raise CheckpointError(
             f"--resume_from_checkpoint {path}: written by {state['world_size']} processes, this run has "
             f"{info.world_size}; the optimizer state is per rank: resume with the same number of processes"
         )
-    opt = load_structured(opt_stem, info.device)
+    opt = load_structured(opt_stem, "cpu")
     if opt["name"] != optimizer.name or opt["layout"] != optimizer.layout():
         raise CheckpointError(
             f"--resume_from_checkpoint {path}: optimizer {opt['name']} with another shard layout; resume with the "
@@ -222,6 +320,11 @@ def load_checkpoint(path: Path, info: DistInfo, model: torch.nn.Module, optimize
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     set_rng_state(load_structured(path / "rng" / f"rank{info.rank}"))
+    for name, obj in (extra or {}).items():
+        stem = path / "extra" / name / f"rank{info.rank}"
+        if not stem.with_suffix(".json").is_file():
+            raise CheckpointError(f"--resume_from_checkpoint {path}: it holds no {name} state (extra/{name}/)")
+        obj.load_state_dict(load_structured(stem, "cpu"))
     if dist.is_initialized():
         dist.barrier()
     return state

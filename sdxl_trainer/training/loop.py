@@ -6,6 +6,7 @@ is `training.step.train_step()`. No per-step barriers, `gc.collect` or `empty_ca
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import time
 from pathlib import Path
@@ -15,7 +16,11 @@ import torch
 from sdxl_trainer.data import dataset, sampler
 from sdxl_trainer.distributed import barrier, cleanup
 from sdxl_trainer.training import checkpoint as ckpt
+from sdxl_trainer.training import checkpoint_integrity as integrity
 from sdxl_trainer.training import saving, validation
+from sdxl_trainer.training.resume_check import ResumeMismatchError
+from sdxl_trainer.training.run_folder import RunFolderError
+from sdxl_trainer.training.run_lock import RunLockError
 from sdxl_trainer.training.run_log import (
     TAG_EPOCH_LOSS,
     TAG_SKIPPED,
@@ -24,13 +29,22 @@ from sdxl_trainer.training.run_log import (
     logger,
     write_json,
 )
-from sdxl_trainer.training.setup import setup
+from sdxl_trainer.training.setup import release_run_folder, setup
 from sdxl_trainer.training.state import _STOP_SIGNAL, Trainer, TrainingError
 from sdxl_trainer.training.step import train_step
+
+# Refusals at start, before anything is changed: the entry script prints them as one message.
+REFUSALS = (RunFolderError, RunLockError, ResumeMismatchError, ckpt.CheckpointError)
 
 
 def save_model(tr: Trainer, name: str) -> None:
     """Gather the full UNet to rank 0 only (collective); rank 0 writes the pipeline and the single file."""
+    bad = integrity.count_nonfinite(list(tr.optimizer.locals))
+    if bad:
+        raise TrainingError(
+            f"the weights at step {tr.progress.step} hold non-finite values: the {name} pipeline was NOT saved; "
+            "resume from an earlier checkpoint with a lower --learning_rate"
+        )
     tr.progress.saved_model_step = tr.progress.step
     full = tr.optimizer.full_model_state_dict(tr.unet)
     if tr.info.is_main_process:
@@ -47,17 +61,25 @@ def save_model(tr: Trainer, name: str) -> None:
 
 
 def save_checkpoint(tr: Trainer) -> Path:
+    """Write `step-<N>`; when that folder already holds these very weights (written or loaded by this process at
+    this step), only its train state is renewed and the log says so."""
+    p = tr.progress
     state = {
-        "step": tr.progress.step,
-        "progress": vars(tr.progress),
+        "step": p.step,
+        "progress": vars(p),
         "sampler": tr.sampler.to_json(tr.data.training),
         "validation_uids": sorted(e.uid for e in tr.data.validation),
+        "run_id": tr.run_id,
+        "metrics_lines": tr.log.metrics_lines,  # a resume from here cuts metrics.jsonl back to this length
     }
+    refresh = tr.weights_checkpoint_step == p.step
     path = ckpt.save_checkpoint(
-        tr.run_dir, tr.progress.step, tr.info, tr.unet, tr.optimizer, tr.lr_scheduler, tr.scaler, state, tr.config,
-        tr.args.checkpoints_total_limit,
+        tr.run_dir, p.step, tr.info, tr.unet, tr.optimizer, tr.lr_scheduler, tr.scaler, state, tr.config,
+        tr.args.checkpoints_total_limit, refresh_only=refresh, extra=tr.extra_state,
     )  # fmt: skip
-    logger.info(f"checkpoint written: {path}")
+    tr.weights_checkpoint_step, tr.checkpoint_pending = p.step, False
+    tr.last_checkpoint_time = time.monotonic()
+    logger.info(f"checkpoint {'train state refreshed' if refresh else 'written'}: {path}")
     return path
 
 
@@ -70,8 +92,7 @@ def _end_of_epoch(tr: Trainer, epoch: int) -> None:
     p.epoch_losses, p.finished_epoch = [], epoch
     if epoch >= a.start_save_model_epoch and epoch % a.save_model_every_n_epochs == 0:
         save_model(tr, f"epoch-{epoch}")
-        if a.save_state:
-            save_checkpoint(tr)
+        tr.checkpoint_pending |= a.save_state  # written after this epoch's evaluation (train())
 
 
 def _after_step(tr: Trainer, result: dict, epoch: int) -> bool:
@@ -101,8 +122,11 @@ def _after_step(tr: Trainer, result: dict, epoch: int) -> bool:
         path = save_checkpoint(tr)
         logger.warning(f"stopped by a signal at step {p.step}; continue with --resume_from_checkpoint auto ({path})")
         return False
-    if a.checkpointing_steps and p.step % a.checkpointing_steps == 0:
-        save_checkpoint(tr)
+    if (a.checkpointing_steps and p.step % a.checkpointing_steps == 0) or result["checkpoint_due"]:
+        if tr.sampler.position == 0:  # the epoch's last step: written after the epoch's evaluation, which a
+            tr.checkpoint_pending = True  # resume from this checkpoint then does not repeat (train())
+        else:
+            save_checkpoint(tr)
     return p.step < tr.data.total_steps
 
 
@@ -131,6 +155,7 @@ def _run_epoch(tr: Trainer) -> bool:
         pending = []
         s.position += a.gradient_accumulation_steps
         tr.progress.step += 1
+        tr.steps_this_launch += 1
         tr.progress.images_seen += tr.data.global_batch * a.gradient_accumulation_steps
         if s.position == len(plan.batches):  # the epoch's last step: the data position moves on before any save
             tr.sampler = next_epoch
@@ -156,11 +181,16 @@ def train(tr: Trainer) -> dict:
                 _end_of_epoch(tr, done_epochs)
             if done_epochs > tr.progress.evaluated_epoch:
                 validation.evaluate(tr, done_epochs)
+            if tr.checkpoint_pending:
+                save_checkpoint(tr)
         if _finished(tr):
             break
         if not _run_epoch(tr) and tr.progress.step < tr.data.total_steps:
             completed = False
             break
+    if completed and tr.sampler.position != 0 and tr.progress.evaluated_step != tr.progress.step:
+        # --max_train_steps ended mid-epoch: the final model is evaluated too (the epoch's partial number).
+        validation.evaluate(tr, tr.sampler.epoch, final=True)
     if completed:
         save_checkpoint(tr)
         if tr.args.save_final_model and tr.progress.saved_model_step != tr.progress.step:
@@ -172,6 +202,11 @@ def train(tr: Trainer) -> dict:
 
 def summarize(tr: Trainer, completed: bool) -> dict:
     p = tr.progress
+    previous = tr.run_dir / "summary.json"
+    if tr.steps_this_launch == 0 and completed and previous.is_file():
+        # A re-run of a finished job: nothing was trained, so the summary of the run that did it stays.
+        logger.info(f"the run was already complete at step {p.step}; {previous} is kept")
+        return json.loads(previous.read_text(encoding="utf-8"))
     summary = {
         "completed": completed,
         "stopped_by_signal": bool(_STOP_SIGNAL),
@@ -184,6 +219,7 @@ def summarize(tr: Trainer, completed: bool) -> dict:
         "wall_seconds": time.monotonic() - tr.start_time,
         "best_validation_loss": p.best_validation_loss,
         "world_size": tr.info.world_size,
+        "run_id": tr.run_id,
         "peak_gpu_memory_gib_per_rank": [peak for _, peak in tr.log.last_memory]
         if tr.info.device.type == "cuda"
         else None,
@@ -208,6 +244,7 @@ def main(args: argparse.Namespace) -> dict:
             tr.log.close()
             if tr.info.is_main_process:
                 saving.remove_handoff(tr.handoff_dir)
+                release_run_folder(tr.run_dir)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -61,8 +61,14 @@ def memory_gib(device: torch.device) -> tuple[float, float]:
 class RunLogger:
     """TensorBoard + metrics.jsonl + tqdm, all on rank 0; every call is a no-op elsewhere."""
 
-    def __init__(self, enabled: bool, run_dir: Path, tb_dir: Path, total_steps: int, initial_step: int):
+    def __init__(
+        self, enabled: bool, run_dir: Path, tb_dir: Path, total_steps: int, initial_step: int, run_id: str = ""
+    ):
+        """A resume (`initial_step` > 0) hides TensorBoard events of later steps written by an earlier launch
+        (`purge_step`); metrics.jsonl has already been cut at the checkpoint (run_folder.prepare_resume)."""
         self.enabled = enabled
+        self.run_id = run_id
+        self.metrics_lines = 0  # lines in metrics.jsonl: recorded in checkpoints, to cut the file on a resume
         self.last_memory: list[tuple[float, float]] = []  # (allocated, peak) GiB per rank, latest step
         self.tb = None
         self.bar = None
@@ -73,8 +79,10 @@ class RunLogger:
         from tqdm.auto import tqdm
 
         tb_dir.mkdir(parents=True, exist_ok=True)
-        self.tb = SummaryWriter(str(tb_dir))
-        self.metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self.tb = SummaryWriter(str(tb_dir), purge_step=initial_step + 1 if initial_step else None)
+        metrics = run_dir / "metrics.jsonl"
+        self.metrics_lines = len(metrics.read_bytes().splitlines()) if metrics.is_file() else 0
+        self.metrics_file = open(metrics, "a", encoding="utf-8")  # noqa: SIM115
         self.bar = tqdm(total=total_steps, initial=initial_step, desc="optimizer steps", dynamic_ncols=True)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
@@ -84,8 +92,9 @@ class RunLogger:
     def record(self, record: dict) -> None:
         """One JSON line per event (optimizer step, validation, epoch end): what tests and users can parse."""
         if self.metrics_file is not None:
-            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.write(json.dumps({**record, "run_id": self.run_id}) + "\n")
             self.metrics_file.flush()
+            self.metrics_lines += 1
 
     def step(self, step: int, loss: float, lr: float, grad_norm: float, imgs_per_sec: float, **extra) -> None:
         if not self.enabled:

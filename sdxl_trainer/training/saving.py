@@ -23,13 +23,14 @@ HANDOFF_FILE = "unet.safetensors"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def default_handoff_dir(run_dir: Path, needed_bytes: int, num_nodes: int) -> Path:
+def default_handoff_dir(run_dir: Path, needed_bytes: int, num_nodes: int, tag: str = "") -> Path:
     """/dev/shm (a RAM disk: no disk writes of ~10 GB per evaluation) when it exists with room and every
-    process is on this machine; otherwise a folder in the run directory (shared storage on clusters)."""
+    process is on this machine; otherwise a folder in the run directory (shared storage on clusters). `tag`
+    (a hash of the run folder's full path) keeps two runs whose folders share a name apart."""
     shm = Path("/dev/shm")
     if num_nodes == 1 and shm.is_dir() and os.access(shm, os.W_OK):
         if shutil.disk_usage(shm).free > needed_bytes * 1.2:
-            return shm / f"sdxl_trainer_handoff_{os.getuid()}_{run_dir.name}"
+            return shm / f"sdxl_trainer_handoff_{os.getuid()}_{run_dir.name}_{tag}".rstrip("_")
     return run_dir / "handoff"
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from sdxl_trainer.data.sampler import SamplerState, mix_seed
-from sdxl_trainer.distributed import DistInfo, barrier, init_distributed
+from sdxl_trainer.distributed import DistInfo, barrier, broadcast_object, init_distributed
 from sdxl_trainer.models import loading
 from sdxl_trainer.training import checkpoint as ckpt
 from sdxl_trainer.training import (
@@ -22,6 +22,9 @@ from sdxl_trainer.training import (
     objective_args,
     optimizers,
     prediction,
+    resume_check,
+    run_folder,
+    run_lock,
     saving,
     sharding,
     validation,
@@ -34,7 +37,7 @@ from sdxl_trainer.training.run_log import (
     write_json,
 )
 from sdxl_trainer.training.state import Progress, Trainer, TrainingError, _request_stop
-from sdxl_trainer.training.train_args import run_name
+from sdxl_trainer.training.train_args import _flag_modules, build_parser, run_name
 
 
 def _make_run_dir(args: argparse.Namespace, info: DistInfo) -> Path:
@@ -45,6 +48,62 @@ def _make_run_dir(args: argparse.Namespace, info: DistInfo) -> Path:
     return out.resolve()
 
 
+def _on_main_process(info: DistInfo, fn):
+    """Run `fn` on rank 0 only and give every rank its result, or raise its exception on every rank (a refusal
+    must stop all processes, not leave the others waiting in a collective)."""
+    result, error = None, None
+    if info.is_main_process:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+            error = exc
+    if info.world_size > 1:
+        result, error = broadcast_object((result, error))
+    if error is not None:
+        raise error
+    return result
+
+
+def _prepare_run_folder(args: argparse.Namespace, info: DistInfo, run_dir: Path) -> dict:
+    """Rank 0: lock the folder, pick and verify the checkpoint, compare its flags with ours, set aside what
+    belongs to other runs. Nothing in the folder changes before all checks pass."""
+    run_id = run_folder.new_run_id()
+    lock = run_lock.RunLock(run_dir, run_id).acquire()
+    try:
+        path, notes = ckpt.choose_resume_checkpoint(args.resume_from_checkpoint, run_dir)
+        changed: list[str] = []
+        if path is None:
+            notes += run_folder.prepare_fresh(run_dir, args.overwrite_output_dir, run_id)
+        else:
+            new = {**vars(args), "world_size": info.world_size, "num_nodes": info.num_nodes}
+            rules = resume_check.all_rules(_flag_modules())
+            changed = resume_check.check_resume(path, new, rules, vars(build_parser().parse_args([])))
+            state = json.loads((path / ckpt.TRAIN_STATE).read_text(encoding="utf-8"))
+            notes += run_folder.prepare_resume(run_dir, path, state, run_id)
+    except BaseException:
+        lock.release()
+        raise
+    if lock.previous_holder:
+        notes.append(f"took over the lock of a trainer that is no longer running: {lock.previous_holder}")
+    _LOCKS[str(run_dir)] = lock
+    return {"run_id": run_id, "resume_path": str(path) if path else None, "notes": notes, "changed": changed}
+
+
+_LOCKS: dict[str, run_lock.RunLock] = {}  # rank 0's lock per run folder, released by `release_run_folder`
+
+
+def release_run_folder(run_dir: Path) -> None:
+    lock = _LOCKS.pop(str(run_dir), None)
+    if lock is not None:
+        lock.release()
+
+
+def data_digest(td: data_setup.TrainingData) -> str:
+    """The training items, their buckets and the hold-out: a resume must see the same (cache content)."""
+    items = sorted((e.uid, list(e.bucket_wh)) for e in td.training)
+    return f"{mix_seed(items, sorted(e.uid for e in td.validation)):016x}"
+
+
 def setup(args: argparse.Namespace) -> Trainer:
     """Everything the loop needs, in execution order."""
     loading.set_single_file_config(args.single_file_config)
@@ -53,11 +112,29 @@ def setup(args: argparse.Namespace) -> Trainer:
     if info.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    try:  # resolved first: the resume check compares the resolved layout with the checkpoint's
+        args.sharding = sharding.resolve_strategy(args.sharding, info, args.cpu_offload)
+    except sharding.ShardingError as exc:
+        raise TrainingError(str(exc)) from exc
+    args.compile = compiling.resolve_choice(args.compile, info.device.type, args.sharding)
     run_dir = _make_run_dir(args, info)
+    folder = _on_main_process(info, lambda: _prepare_run_folder(args, info, run_dir))
+    try:
+        return _build(args, info, run_dir, folder)
+    except BaseException:
+        if info.is_main_process:
+            release_run_folder(run_dir)
+        raise
+
+
+def _build(args: argparse.Namespace, info: DistInfo, run_dir: Path, folder: dict) -> Trainer:
     setup_logging(run_dir, info.rank)
+    logger.info(f"run id {folder['run_id']} in {run_dir}")
+    for line in folder["notes"]:
+        logger.warning(line)
     for flag in getattr(args, "ignored_flags", []):
         logger.warning(f"{flag} is ignored: caching (and re-caching) is done by sdxl_process_data_dir.py")
-    resume_path = ckpt.find_resume_checkpoint(args.resume_from_checkpoint, run_dir)
+    resume_path = Path(folder["resume_path"]) if folder["resume_path"] else None
     resume_state = json.loads((resume_path / ckpt.TRAIN_STATE).read_text()) if resume_path else None
 
     noise_scheduler = loading.load_noise_scheduler(args.pretrained_model_name_or_path)
@@ -67,11 +144,14 @@ def setup(args: argparse.Namespace) -> Trainer:
     except ValueError as exc:
         raise TrainingError(str(exc)) from exc
     td = data_setup.build_training_data(args, info, noise_scheduler.config.num_train_timesteps, resume_state)
-
-    try:
-        args.sharding = sharding.resolve_strategy(args.sharding, info, args.cpu_offload)
-    except sharding.ShardingError as exc:
-        raise TrainingError(str(exc)) from exc
+    digest = data_digest(td)
+    if resume_path is not None:
+        recorded = json.loads((resume_path / "config.json").read_text(encoding="utf-8")).get("data_digest")
+        if recorded is not None and recorded != digest:
+            raise resume_check.ResumeMismatchError(
+                f"--resume_from_checkpoint {resume_path}: the training items (cache content, buckets or hold-out) "
+                "differ from the checkpoint's: resume with the same --cached_dataset_dirs content"
+            )
     mesh = sharding.build_mesh(args.sharding, info)
     try:  # refuses cards without FP8 matmuls
         fp8_plan = fp8.Fp8Plan.for_run(args.fp8, args.fp8_min_features, info.device, args.sharding, args.cpu_offload)
@@ -95,7 +175,6 @@ def setup(args: argparse.Namespace) -> Trainer:
         shards = sharding.verify_sharding(unet, mesh, args.sharding)  # refuses to train if sharding is not in effect
         optimizer = optimizers.build_optimizer(args, list(unet.parameters()))
     # Lazy: each block compiles at its first forward; dynamic spatial sizes let the buckets share graphs.
-    args.compile = compiling.resolve_choice(args.compile, info.device.type, args.sharding)
     compiled_modules = compiling.compile_regions(unet, args.compile, dynamic=True)
     lr_scheduler = lr_schedule.build_lr_scheduler(args, optimizer.inner, td.total_steps)
     scaler = None
@@ -107,6 +186,10 @@ def setup(args: argparse.Namespace) -> Trainer:
     progress, sampler = Progress(), SamplerState()
     if resume_path is not None:
         state = ckpt.load_checkpoint(resume_path, info, unet, optimizer, lr_scheduler, scaler)
+        # The new flags' learning rate, betas, eps, weight decay and schedule replace the restored ones.
+        resume_check.apply_to_optimizer(args, optimizer.param_groups, lr_scheduler)
+        if folder["changed"]:
+            logger.warning("changed on resume: " + "; ".join(folder["changed"]))
         progress = Progress(**state["progress"])
         sampler = SamplerState.from_json(state["sampler"], td.training)
         logger.info(
@@ -117,15 +200,20 @@ def setup(args: argparse.Namespace) -> Trainer:
     config.update(
         world_size=info.world_size, num_nodes=info.num_nodes, run_dir=str(run_dir), train_items=len(td.training),
         validation_items=len(td.validation), global_batch=td.global_batch, total_optimizer_steps=td.total_steps,
-        effective_batch=td.global_batch * args.gradient_accumulation_steps,
+        effective_batch=td.global_batch * args.gradient_accumulation_steps, run_id=folder["run_id"],
+        data_digest=digest, resumed_from=str(resume_path) if resume_path else None,
+        changed_on_resume=folder["changed"],
     )  # fmt: skip
-    log = RunLogger(info.is_main_process, run_dir, Path(args.log_dir) / run_dir.name, td.total_steps, progress.step)
+    tb_dir = run_folder.default_tensorboard_dir(run_dir, args.log_dir)
+    log = RunLogger(info.is_main_process, run_dir, tb_dir, td.total_steps, progress.step, folder["run_id"])
     if info.is_main_process:
         write_json(run_dir / "config.json", config)
         (run_dir / "validation_items.txt").write_text("".join(f"{e.uid}\n" for e in td.validation), encoding="utf-8")
     evaluator = validation.build_evaluator(args, run_dir, info, td.training, td.validation, log.tb)
     handoff = Path(args.handoff_dir) if args.handoff_dir else None
-    handoff = handoff or saving.default_handoff_dir(run_dir, 4 * shards["global_elements"], info.num_nodes)
+    handoff = handoff or saving.default_handoff_dir(
+        run_dir, 4 * shards["global_elements"], info.num_nodes, run_folder.path_tag(run_dir)
+    )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _request_stop)
     logger.info(
@@ -139,7 +227,10 @@ def setup(args: argparse.Namespace) -> Trainer:
     tr = Trainer(
         args, info, run_dir, unet, noise_scheduler, optimizer, lr_scheduler, scaler, td, sampler, progress, log,
         evaluator, handoff, config, mesh.get_group("shard"), objective_args.loss_options(args),
+        run_id=folder["run_id"],
     )  # fmt: skip
     if fp8_plan.float8_all_gather:  # each float8 weight's scale for the next all-gather, in one all-reduce
         tr.after_optimizer_step.append(lambda: fp8.precompute_scales(unet))
+    if resume_path is not None and resume_path.resolve() == (ckpt.checkpoints_root(run_dir) / resume_path.name):
+        tr.weights_checkpoint_step = progress.step  # that folder holds exactly these weights: refresh, not rewrite
     return tr

@@ -40,6 +40,7 @@ class Progress:
     epoch_losses: list[float] = field(default_factory=list)  # this epoch's per-step losses
     best_validation_loss: float | None = None
     saved_model_step: int = -1  # the step of the last saved pipeline
+    evaluated_step: int = -1  # the step whose model the last evaluation saw
 
 
 @dataclass
@@ -63,6 +64,15 @@ class Trainer:
     loss_options: dict = field(default_factory=dict)  # keyword arguments of `loss.per_sample_loss`
     # Called after every optimizer step that updated the weights (e.g. FP8 scales for FSDP's float8 all-gather).
     after_optimizer_step: list = field(default_factory=list)
+    run_id: str = ""  # this launch's id (run_folder.new_run_id), in config.json, checkpoints, log and metrics
+    lock: object | None = None  # rank 0's run_lock.RunLock on the run folder, released when the run ends
+    # Named objects with state_dict()/load_state_dict() saved per rank in every checkpoint (checkpoint.py
+    # `extra`): the place where further training state (EMA weights, ...) joins the checkpoints.
+    extra_state: dict = field(default_factory=dict)
+    weights_checkpoint_step: int = -1  # a checkpoint folder of this step holds exactly the current weights
+    checkpoint_pending: bool = False  # a checkpoint is due once the epoch boundary's evaluation has run
+    last_checkpoint_time: float = field(default_factory=time.monotonic)
+    steps_this_launch: int = 0
     throughput: Throughput = field(default_factory=Throughput)
     start_time: float = field(default_factory=time.monotonic)
 

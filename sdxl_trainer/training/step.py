@@ -2,12 +2,14 @@
 optimizer and schedule updates.
 
 Per optimizer step there is one collective of our own and one host sync: a small all-gather of (loss, grad
-norm, stop request, GPU memory) that gives every rank the same loss, skip decision and signal-stop decision."""
+norm, stop request, checkpoint due, GPU memory) that gives every rank the same loss, skip decision, signal-stop
+decision and periodic-checkpoint decision."""
 
 from __future__ import annotations
 
 import math
 import re
+import time
 import warnings
 
 import torch
@@ -52,6 +54,8 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> dic
         "loss": loss_sum / len(micro_batches),
         "grad_norm": grad_norm.float().to(dev),  # on the CPU with --cpu_offload
         "stop": float(bool(_STOP_SIGNAL)),
+        # --checkpointing_minutes: clocks differ per rank, so rank 0's verdict (row 0) decides for all.
+        "checkpoint_due": float(_checkpoint_due(tr)),
         "alloc_gib": alloc,
         "peak_gib": peak,
     }
@@ -82,8 +86,14 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> dic
         "finite": finite,
         "loss_scale": loss_scale,
         "stop": any(row["stop"] > 0 for row in table),
+        "checkpoint_due": table[0]["checkpoint_due"] > 0,
         "memory_gib": [(row["alloc_gib"], row["peak_gib"]) for row in table],
     }
+
+
+def _checkpoint_due(tr: Trainer) -> bool:
+    minutes = getattr(tr.args, "checkpointing_minutes", 0)
+    return bool(minutes) and time.monotonic() - tr.last_checkpoint_time >= 60.0 * minutes
 
 
 def _gather_rows(mine_by_name: dict[str, torch.Tensor | float], device: torch.device, world_size: int) -> list[dict]:

@@ -194,7 +194,11 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--project_name", default="ABC", help="first part of the automatic run name")
     g.add_argument("--output_dir", default=None, help="run folder (default output/<run name>)")
-    g.add_argument("--log_dir", default="logs", help="TensorBoard root; the run logs to <log_dir>/<run name>")
+    g.add_argument(
+        "--log_dir",
+        default=None,
+        help="TensorBoard root: the run logs to <log_dir>/<run folder name> (default: <output_dir>/tensorboard)",
+    )
     g.add_argument(
         "--max_nonfinite_steps",
         type=positive_int,
@@ -209,7 +213,8 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
         "--checkpointing_steps",
         type=non_negative_int,
         default=0,
-        help="write <output_dir>/checkpoints/step-<N>/ every N optimizer steps (0 = only at the end and on signals)",
+        help="write <output_dir>/checkpoints/step-<N>/ every N optimizer steps (default 0: by time only, "
+        "--checkpointing_minutes, plus the end of the run and signals)",
     )
     g.add_argument("--checkpoints_total_limit", type=positive_int, default=None, help="keep only the newest K")
     g.add_argument(
@@ -274,9 +279,9 @@ def _flag_modules() -> list:
     `add_args(parser)` and `check_args(args)` (raising ValueError naming the flag). A new group of flags is a new
     module with those two functions, listed here."""
     from sdxl_trainer.evaluation import eval_args
-    from sdxl_trainer.training import fp8_args, objective_args
+    from sdxl_trainer.training import fp8_args, objective_args, run_args
 
-    return [eval_args, objective_args, fp8_args]
+    return [eval_args, objective_args, fp8_args, run_args]
 
 
 WEIGHT_DTYPES = {

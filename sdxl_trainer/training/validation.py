@@ -81,29 +81,35 @@ def build_evaluator(
     )
 
 
-def evaluate(tr: Trainer, epoch: int) -> None:
-    """Validation loss, then samples/validation images from the trained UNet handed over by rank 0."""
+def evaluate(tr: Trainer, epoch: int, final: bool = False) -> None:
+    """Validation loss, then samples/validation images from the trained UNet handed over by rank 0. `final`: the
+    last step of a run that ends mid-epoch, evaluated with whatever is enabled whatever the epoch."""
     a = tr.args
-    if a.validation_loss and epoch % a.validation_loss_every_n_epochs == 0:
+    if a.validation_loss and (final or epoch % a.validation_loss_every_n_epochs == 0):
         value = validation_loss(tr)
         if value is None:
             logger.warning("validation loss: no held-out items (raise --validation_loss_percent)")
         else:
             tr.log.scalar(TAG_VALIDATION_LOSS, value, epoch)
-            tr.log.record({"event": "validation", "epoch": epoch, "step": tr.progress.step, "validation_loss": value})
+            tr.log.record(
+                {"event": "validation", "epoch": epoch, "step": tr.progress.step, "validation_loss": value,
+                 "final": final}
+            )  # fmt: skip
             best = tr.progress.best_validation_loss
             tr.progress.best_validation_loss = value if best is None else min(best, value)
             logger.info("epoch %d: validation loss %.6f", epoch, value)
-    if tr.evaluator is not None and tr.evaluator.wants_to_run(epoch):
+    if tr.evaluator is not None and tr.evaluator.wants_to_run(epoch, final):
         full = tr.optimizer.full_model_state_dict(tr.unet)  # collective; full on rank 0 only
         path = saving.write_handoff(full, tr.handoff_dir) if tr.info.is_main_process else None
         del full
         barrier()
         try:
-            scores = tr.evaluator.run(epoch, tr.handoff_dir / saving.HANDOFF_FILE)
+            scores = tr.evaluator.run(epoch, tr.handoff_dir / saving.HANDOFF_FILE, final)
         finally:
             barrier()
             if path is not None:
                 saving.remove_handoff(tr.handoff_dir)
-        tr.log.record({"event": "scores", "epoch": epoch, **scores})
-    tr.progress.evaluated_epoch = epoch
+        tr.log.record({"event": "scores", "epoch": epoch, "step": tr.progress.step, "final": final, **scores})
+    if not final:
+        tr.progress.evaluated_epoch = epoch
+    tr.progress.evaluated_step = tr.progress.step
