@@ -90,6 +90,10 @@ MUST_MATCH_FACTS = {
 }
 
 
+# Differ on nearly every resume and say nothing about the training: compared, never reported as changes.
+NOT_REPORTED = {"resume_from_checkpoint", "output_dir"}
+
+
 class ResumeMismatchError(RuntimeError):
     """The new flags differ from the checkpoint's in ways that cannot change on resume."""
 
@@ -124,7 +128,7 @@ def compare(old: dict, new: dict, rules: dict[str, str], defaults: dict[str, obj
             continue
         before = _normal(old[name]) if name in old else _normal(defaults.get(name))
         after = _normal(new[name])
-        if before == after:
+        if before == after or name in NOT_REPORTED:
             continue
         line = f"--{name} {before} -> {after}"
         (must if rules[name] == MUST else may).append(line)

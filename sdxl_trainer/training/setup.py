@@ -205,15 +205,16 @@ def _build(args: argparse.Namespace, info: DistInfo, run_dir: Path, folder: dict
         changed_on_resume=folder["changed"],
     )  # fmt: skip
     tb_dir = run_folder.default_tensorboard_dir(run_dir, args.log_dir)
+    handoff = Path(args.handoff_dir) if args.handoff_dir else None
+    handoff = handoff or saving.default_handoff_dir(
+        run_dir, 4 * shards["global_elements"], info.num_nodes, run_folder.path_tag(run_dir)
+    )
+    config.update(tensorboard_dir=str(tb_dir), handoff_dir_used=str(handoff))
     log = RunLogger(info.is_main_process, run_dir, tb_dir, td.total_steps, progress.step, folder["run_id"])
     if info.is_main_process:
         write_json(run_dir / "config.json", config)
         (run_dir / "validation_items.txt").write_text("".join(f"{e.uid}\n" for e in td.validation), encoding="utf-8")
     evaluator = validation.build_evaluator(args, run_dir, info, td.training, td.validation, log.tb)
-    handoff = Path(args.handoff_dir) if args.handoff_dir else None
-    handoff = handoff or saving.default_handoff_dir(
-        run_dir, 4 * shards["global_elements"], info.num_nodes, run_folder.path_tag(run_dir)
-    )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _request_stop)
     logger.info(
