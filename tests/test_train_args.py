@@ -36,6 +36,8 @@ TRAINER_FLAGS = [
     "--zero_terminal_snr",
     # issue 18: FP8 matmuls (training/fp8_args.py)
     "--fp8", "--fp8_min_features",
+    # issue 17b: masked loss
+    "--masked_loss",
 ]  # fmt: skip
 # Issue 15 (checkpoints and resumes you can trust): training/run_args.py.
 TRAINER_FLAGS += ["--checkpointing_minutes", "--overwrite_output_dir"]

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from sdxl_trainer.caching import text_chunks
 from sdxl_trainer.data.images import DEFAULT_MAX_IMAGE_PIXELS
 
 
@@ -56,6 +57,16 @@ class CachingArgs:
     shard_index: int = _f(0, "which of the --num_shards parts this launch caches (0-based)")
     max_image_pixels: int = _f(DEFAULT_MAX_IMAGE_PIXELS, "refuse larger images (decompression bombs)")
     verify_hashes: bool = _f(False, "re-hash every image even when its size and mtime are unchanged")
+    alpha_mask: bool = _f(
+        False,
+        "use each image's alpha channel as its loss mask (opaque = trained, transparent = ignored) when it has no "
+        "<stem>.mask.png; the pixels are still composited onto white",
+    )
+    max_token_length: int = _f(
+        77,
+        "caption length in CLIP positions: 77, 154 or 231 (1-3 chunks of <BOS> + 75 tokens + <EOS>, encoded apart and "
+        "concatenated); longer captions are truncated and counted in the report",
+    )
 
     @property
     def dataset_cache_dir(self) -> Path:
@@ -124,6 +135,8 @@ class CachingArgs:
             raise CachingArgsError(
                 f"--shard_index {self.shard_index} --num_shards {self.num_shards}: need 0 <= index < shards"
             )
+        if self.max_token_length not in text_chunks.MAX_TOKEN_LENGTHS:
+            raise CachingArgsError(f"--max_token_length {self.max_token_length}: choose 77, 154 or 231")
         if self.max_image_pixels < 64 * 64:
             raise CachingArgsError(f"--max_image_pixels {self.max_image_pixels}: too small")
         for flag in ("pretrained_model_name_or_path", "vae"):

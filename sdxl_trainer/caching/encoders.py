@@ -5,10 +5,12 @@ they invalidate: `caching.fingerprint`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 
 import torch
 
+from sdxl_trainer.caching import text_chunks
 from sdxl_trainer.caching.caching_args import CachingArgs
 from sdxl_trainer.models import loading
 
@@ -64,19 +66,29 @@ class Encoders:
         return mean.to(self.store_dtype), std.to(self.store_dtype)  # on the device: the caller copies them back
 
     @torch.inference_mode()
-    def encode_texts(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """SDXL's conditioning: both encoders' penultimate hidden states side by side (B, 77, D1+D2), the
-        second encoder's projected pooled output (B, D_pool), and each caption's token count (for reports)."""
+    def encode_texts(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+        """SDXL's conditioning for each caption, chunked by `--max_token_length` (`caching.text_chunks`).
+
+        Returns (prompt_embeds (B, C*77, D1+D2): both encoders' penultimate hidden states side by side, each
+        caption's chunks one after the other, padded with zeros to the batch's longest (C chunks);
+        pooled (B, D_pool): the second encoder's projected pooled output of the first chunk; each caption's
+        token count without <BOS>/<EOS> (for reports); each caption's chunk count (its rows: chunks*77))."""
         text = self.text
-        hidden, pooled, lengths = [], None, []
-        for tokenizer, encoder in ((text.tokenizer, text.text_encoder), (text.tokenizer_2, text.text_encoder_2)):
-            max_length = tokenizer.model_max_length
-            tokens = tokenizer(
-                captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-            )
-            if not lengths:
-                lengths = [len(ids) for ids in tokenizer(captions, truncation=False).input_ids]
-            ids = tokens.input_ids
+        limit = text_chunks.max_chunks(self.args.max_token_length)
+        pairs = ((text.tokenizer, text.text_encoder), (text.tokenizer_2, text.text_encoder_2))
+        content = [tokenizer(captions, add_special_tokens=False, truncation=False).input_ids for tokenizer, _ in pairs]
+        lengths = [len(ids) for ids in content[0]]
+        # Both encoders' rows sit side by side, so both take the same number of chunks per caption.
+        chunks = [text_chunks.chunks_needed(max(len(a), len(b)), limit) for a, b in zip(*content, strict=True)]
+        hidden, pooled = [], None
+        for (tokenizer, encoder), ids_per_caption in zip(pairs, content, strict=True):
+            special = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            rows = [
+                row
+                for ids, count in zip(ids_per_caption, chunks, strict=True)
+                for row in text_chunks.chunk_token_ids(ids, count, *special)
+            ]  # every chunk of every caption: one encoder batch
+            ids = torch.tensor(rows, dtype=torch.long)
             if self.device.type == "cuda":
                 # A blocking copy from pageable memory waits for every kernel queued before it (the batch's
                 # VAE encode): measured on the H200 as the caching loop's main stall.
@@ -85,9 +97,16 @@ class Encoders:
                 out = encoder(ids, output_hidden_states=True)
             hidden.append(out.hidden_states[-2].float())
             if hasattr(out, "text_embeds"):
-                pooled = out.text_embeds.float()
-        prompt = torch.cat(hidden, dim=-1)
-        return prompt.to(self.store_dtype), pooled.to(self.store_dtype), lengths
+                first_chunk_rows = torch.tensor([0, *itertools.accumulate(chunks)][:-1], device=ids.device)
+                pooled = out.text_embeds.float().index_select(0, first_chunk_rows)
+        flat = torch.cat(hidden, dim=-1)  # (total chunks, 77, D)
+        width = max(chunks) * text_chunks.CHUNK_TOKENS
+        prompt = flat.new_zeros((len(captions), width, flat.shape[-1]))
+        start = 0
+        for i, count in enumerate(chunks):
+            prompt[i, : count * text_chunks.CHUNK_TOKENS] = flat[start : start + count].flatten(0, 1)
+            start += count
+        return prompt.to(self.store_dtype), pooled.to(self.store_dtype), lengths, chunks
 
 
 def resolve_device() -> torch.device:

@@ -67,6 +67,10 @@ def upscale_settings(args: CachingArgs, hasher: FileHasher) -> dict | None:
 def build_fingerprint(args: CachingArgs, hasher: FileHasher) -> dict:
     """{"image": what shapes the latents, "text": what shapes the embeddings, "info": readable, not compared}."""
     model = args.pretrained_model_name_or_path
+    image_extra = {"alpha_mask": True} if args.alpha_mask else {}  # absent when off: older caches stay valid
+    text_extra = {}
+    if args.max_token_length != 77:  # absent at the default: caches built before the flag existed stay valid
+        text_extra["max_token_length"] = args.max_token_length
     config = args.single_file_config
     vae = _identity(hasher, args.vae, [None]) if args.vae else _identity(hasher, model, ["vae"], config)
     return {
@@ -78,6 +82,7 @@ def build_fingerprint(args: CachingArgs, hasher: FileHasher) -> dict:
             "mixed_precision": args.mixed_precision,
             "cache_dtype": args.cache_dtype,
             "geometry_version": GEOMETRY_VERSION,
+            **image_extra,
         },
         "text": {
             "encoders": _identity(
@@ -86,6 +91,7 @@ def build_fingerprint(args: CachingArgs, hasher: FileHasher) -> dict:
             "mixed_precision": args.mixed_precision,
             "cache_dtype": args.cache_dtype,
             "text_version": TEXT_VERSION,
+            **text_extra,
         },
         "info": {
             "model": model,

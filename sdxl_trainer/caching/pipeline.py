@@ -19,13 +19,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from sdxl_trainer.caching import text_chunks
 from sdxl_trainer.caching.caching_args import CachingArgs
 from sdxl_trainer.caching.encoders import Encoders
 from sdxl_trainer.data import cache_format, cache_writer
 from sdxl_trainer.data.images import DataItem
 
 UpscalerFactory = Callable[[CachingArgs, torch.device], object]
-MAX_TOKENS = 77
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Work:
     known_sha: str | None  # image sha256 that would make the old latents reusable
     text_ok: bool  # the old embeddings match the caption and the text settings
     stat: tuple[int, int]  # (size bytes, mtime ns) of the image file
+    mask_stat: list[int] | None = None  # (size bytes, mtime ns) of its mask file, if any (`data.masks`)
 
 
 @dataclass
@@ -47,6 +48,7 @@ class InFlight:
     image_rows: dict[int, int] = field(default_factory=dict)  # batch index -> row in latent outputs
     text_rows: dict[int, int] = field(default_factory=dict)  # batch index -> row in text outputs
     token_counts: dict[int, int] = field(default_factory=dict)
+    chunk_counts: dict[int, int] = field(default_factory=dict)  # batch index -> text chunks (77 rows each)
     done: torch.cuda.Event | None = None
 
 
@@ -93,10 +95,12 @@ class Pipeline:
         # (in the other order the host waited on a full launch queue behind the VAE, then the GPU waited for it).
         need_text = [i for i, (work, _) in enumerate(batch) if not work.text_ok]
         if need_text:
-            prompt, pooled, counts = self.encoders.encode_texts([batch[i][0].item.caption for i in need_text])
+            captions = [batch[i][0].item.caption for i in need_text]
+            prompt, pooled, counts, chunks = self.encoders.encode_texts(captions)
             flight.outputs.update(prompt_embeds=self._to_host(prompt), pooled_prompt_embeds=self._to_host(pooled))
             flight.text_rows = {i: row for row, i in enumerate(need_text)}
             flight.token_counts = {i: counts[row] for row, i in enumerate(need_text)}
+            flight.chunk_counts = {i: chunks[row] for row, i in enumerate(need_text)}
         with_pixels = [i for i, (_, job) in enumerate(batch) if "pixels" in job]
         if with_pixels:
             images = [batch[i][1]["pixels"] for i in with_pixels]  # (H, W, 3) each
@@ -128,9 +132,14 @@ class Pipeline:
             tensors = {}
             if i in flight.image_rows:
                 tensors.update({n: flight.outputs[n][flight.image_rows[i]] for n in ("latent_mean", "latent_std")})
+                if "loss_mask" in job:  # computed with the pixels, on the host
+                    tensors["loss_mask"] = job["loss_mask"]
             if i in flight.text_rows:
-                rows = flight.text_rows[i]
-                tensors.update({n: flight.outputs[n][rows] for n in ("prompt_embeds", "pooled_prompt_embeds")})
+                row = flight.text_rows[i]
+                # Each caption keeps only its own chunks: the batch was padded to its longest caption.
+                rows = flight.chunk_counts[i] * text_chunks.CHUNK_TOKENS
+                tensors["prompt_embeds"] = flight.outputs["prompt_embeds"][row, :rows].clone()
+                tensors["pooled_prompt_embeds"] = flight.outputs["pooled_prompt_embeds"][row]
             self._finish(work, job, tensors, flight.token_counts.get(i))
         self.encoded_images += len(flight.image_rows)
         if self.first_batch is None and flight.image_rows:
@@ -139,11 +148,13 @@ class Pipeline:
     def _finish(self, work: Work, job: dict, tensors: dict, token_count: int | None) -> None:
         """Build the item's record, take the unchanged half from its old file, queue the write."""
         old = work.old
+        plan = job.get("plan")
         missing = [n for n in cache_format.ITEM_TENSORS if n not in tensors]
         if missing:
             previous = load_file(str(self.root / old["tensor_file"]))
             tensors.update({n: previous[n] for n in missing})
-        plan = job.get("plan")
+            if plan is None:  # caption-only update: the image side, its mask included, stays as it was
+                tensors.update({n: previous[n] for n in cache_format.OPTIONAL_ITEM_TENSORS if n in previous})
         if plan is not None:
             geometry = {
                 "bucket_wh": plan.bucket_wh,
@@ -152,17 +163,24 @@ class Pipeline:
                 "upscaled": plan.use_upscaler,
             }
             extra = {"source_wh": list(plan.source_wh), "category_key": plan.category_key}
+            extra.update(mask_stat=work.mask_stat, mask_source=job.get("mask_source"))
         else:  # caption-only update: the image side is unchanged
             geometry = {k: old[k] for k in ("bucket_wh", "original_size_hw", "crop_top_left", "upscaled")}
-            extra = {"source_wh": old.get("source_wh"), "category_key": old.get("category_key")}
+            extra = {k: old.get(k) for k in ("source_wh", "category_key", "mask_stat", "mask_source")}
         if token_count is None and old is not None:
             token_count = old.get("caption_tokens")
         notes = [work.item.caption_note] if work.item.caption_note else []
-        if token_count and token_count > MAX_TOKENS:
-            notes.append(f"caption is {token_count} tokens: truncated to {MAX_TOKENS}")
+        limit = text_chunks.max_chunks(self.args.max_token_length)
+        truncated = token_count is not None and text_chunks.is_truncated(token_count, limit)
+        if truncated:
+            notes.append(
+                f"caption is {token_count} tokens: truncated to {limit * text_chunks.CONTENT_TOKENS} "
+                f"(--max_token_length {self.args.max_token_length})"
+            )
         extra.update(
-            image_size_bytes=work.stat[0], image_mtime_ns=work.stat[1], caption_tokens=token_count, caption_notes=notes
-        )
+            image_size_bytes=work.stat[0], image_mtime_ns=work.stat[1], caption_tokens=token_count,
+            caption_truncated=truncated, caption_notes=notes,
+        )  # fmt: skip
         sha = job.get("sha") or old["image_sha256"]
         record = cache_writer.make_record(
             work.item.relpath,
@@ -170,6 +188,7 @@ class Pipeline:
             fingerprint=self.fingerprint,
             image_sha256=sha,
             extra=extra,
+            loss_mask="loss_mask" in tensors,
             **geometry,
         )
         self.records.append(record)

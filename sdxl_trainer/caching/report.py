@@ -38,6 +38,13 @@ def _bucket_counts(records: list[dict]) -> dict[str, int]:
     return _sorted_buckets(Counter(f"{r['bucket_wh'][0]}x{r['bucket_wh'][1]}" for r in records))
 
 
+def _truncated(record: dict) -> bool:
+    if "caption_truncated" in record:
+        return bool(record["caption_truncated"])
+    # Written before --max_token_length existed: 77 positions, and caption_tokens counted <BOS> and <EOS>.
+    return (record.get("caption_tokens") or 0) > 77
+
+
 def build_report(records: list[dict], skipped: list[dict], stats: dict) -> dict:
     notes = [{"path": r["image_relpath"], "note": n} for r in records for n in r.get("caption_notes", [])]
     return {
@@ -45,6 +52,7 @@ def build_report(records: list[dict], skipped: list[dict], stats: dict) -> dict:
         "skipped": sorted(skipped, key=lambda s: s["path"]),
         "buckets": _bucket_counts(records),
         "notes": sorted(notes, key=lambda n: n["path"]),
+        "truncated_captions": sum(_truncated(r) for r in records),
         **stats,
     }
 
@@ -89,6 +97,7 @@ def finish_shard(root: Path, args: CachingArgs, fingerprint: dict, summary: dict
 
 def merge_reports(paths: list[Path]) -> dict:
     merged = {"cached": 0, "skipped": [], "buckets": Counter(), "notes": [], "encoded": 0, "reused": 0}
+    merged["truncated_captions"] = 0
     merged["encoded_per_process"] = []
     for path in paths:
         part = json.loads(path.read_text(encoding="utf-8"))
@@ -98,6 +107,7 @@ def merge_reports(paths: list[Path]) -> dict:
         merged["notes"] += part["notes"]
         merged["encoded"] += part.get("encoded", 0)
         merged["reused"] += part.get("reused", 0)
+        merged["truncated_captions"] += part.get("truncated_captions", 0)
         merged["encoded_per_process"] += part.get("encoded_per_process", [])
     merged["skipped"].sort(key=lambda s: s["path"])
     merged["notes"].sort(key=lambda n: n["path"])
@@ -115,6 +125,10 @@ def print_report(report: dict, root: Path) -> None:
     if report["notes"]:
         lines.append(f"caption notes ({len(report['notes'])}):")
         lines += [f"  {n['path']}: {n['note']}" for n in report["notes"]]
+    if report.get("truncated_captions"):
+        lines.append(
+            f"truncated captions: {report['truncated_captions']} (longer than --max_token_length allows; see the notes)"
+        )
     rate = report.get("images_per_second", 0.0)
     lines.append(
         f"encoded {report['encoded']}, reused {report['reused']} unchanged, skipped {len(report['skipped'])} "

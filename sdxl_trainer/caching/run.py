@@ -29,15 +29,17 @@ from sdxl_trainer.caching.file_hashing import HASH_MEMO_FILE, FileHasher
 from sdxl_trainer.caching.fingerprint import build_fingerprint
 from sdxl_trainer.caching.pipeline import Pipeline, UpscalerFactory, Work
 from sdxl_trainer.caching.report import finish_shard, print_report
-from sdxl_trainer.data import cache_format, cache_writer
+from sdxl_trainer.data import cache_format, cache_writer, masks
 from sdxl_trainer.data.buckets import plan_item
 from sdxl_trainer.data.images import (
     DataItem,
     ImageSkip,
+    as_rgb,
     discover_items,
-    load_image,
+    load_oriented,
     region_to_upscale,
     render_to_bucket,
+    upscale_region_box,
 )
 from sdxl_trainer.models.loading import ModelLoadError
 
@@ -72,7 +74,8 @@ class ImageJobs(Dataset):
         if out["sha"] == work.known_sha:
             return {**out, "unchanged": True}  # touched (mtime) but the same bytes: nothing to encode
         try:
-            image = load_image(work.item.image_path, args.max_image_pixels, data=data)
+            oriented = load_oriented(work.item.image_path, args.max_image_pixels, data=data)
+            image = as_rgb(oriented)
         except ImageSkip as exc:
             return {**out, "skip": str(exc)}
         plan = plan_item(*image.size, args.min_resolution, args.max_resolution, args.upscale_to_resolution,
@@ -80,8 +83,31 @@ class ImageJobs(Dataset):
         if plan is None:
             return {**out, "skip": f"too small: {image.width}x{image.height} (below --min_resolution "
                                    f"{args.min_resolution} after flooring to 64 px)"}  # fmt: skip
+        try:
+            weights = self._mask_weights(work, oriented)
+        except (ImageSkip, ValueError) as exc:
+            return {**out, "skip": str(exc)}
+        if weights is not None:
+            box = upscale_region_box(image.size, plan) if plan.use_upscaler else None  # the pixels' own box
+            out["loss_mask"] = masks.mask_to_latent(weights, plan, box).to(torch.float16)
+            out["mask_source"] = "file" if work.item.mask_path is not None else "alpha"
         pixels = region_to_upscale(image, plan) if plan.use_upscaler else render_to_bucket(image, plan)
         return {**out, "plan": plan, "pixels": torch.from_numpy(np.asarray(pixels, dtype=np.uint8).copy())}
+
+    def _mask_weights(self, work: Work, oriented: Image.Image) -> Image.Image | None:
+        """The item's loss weights at image size: its mask file, else (--alpha_mask) its alpha channel, else None."""
+        if work.item.mask_path is not None:
+            name = work.item.mask_path.name
+            try:
+                mask = load_oriented(work.item.mask_path, self.args.max_image_pixels)
+            except ImageSkip as exc:
+                raise ImageSkip(f"mask {name}: {exc}") from exc
+            masks.check_mask_size(mask, oriented.size, name)
+            return masks.mask_weights(mask)
+        if self.args.alpha_mask:
+            alpha = masks.alpha_channel(oriented)
+            return None if alpha is None else masks.mask_weights(alpha)
+        return None
 
 
 def _dist_info() -> tuple[int, int]:
@@ -121,7 +147,12 @@ def classify(items: list[DataItem], root: Path, fingerprint: dict, args: Caching
         # Same size and mtime as when it was encoded: the bytes are taken as unchanged (as make and rsync
         # do); --verify_hashes re-hashes anyway. A changed stat is re-hashed in a worker before re-encoding.
         same_stat = image_ok and (old.get("image_size_bytes"), old.get("image_mtime_ns")) == file_stat
-        work = Work(item, key, old, old["image_sha256"] if image_ok else None, text_ok, file_stat)
+        # A mask file added, removed or touched re-encodes the item (its latents with it: simple and rare).
+        mask_stat = _mask_stat(item)
+        mask_ok = old is not None and old.get("mask_stat") == mask_stat
+        image_ok = image_ok and mask_ok
+        same_stat = same_stat and mask_ok
+        work = Work(item, key, old, old["image_sha256"] if image_ok else None, text_ok, file_stat, mask_stat)
         if not same_stat or args.verify_hashes:
             image_work.append(work)
         elif text_ok:
@@ -129,6 +160,17 @@ def classify(items: list[DataItem], root: Path, fingerprint: dict, args: Caching
         else:
             text_work.append(work)
     return image_work, text_work, reused, skipped
+
+
+def _mask_stat(item: DataItem) -> list[int] | None:
+    """(size bytes, mtime ns) of the item's mask file, None without one (as stored in the record)."""
+    if item.mask_path is None:
+        return None
+    try:
+        stat = item.mask_path.stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def _default_upscaler(args: CachingArgs, device: torch.device):
@@ -270,5 +312,5 @@ def _ensure_empty_embeddings(root: Path, fingerprint: dict, encoders: Encoders) 
                 return
     except Exception:  # noqa: BLE001 - missing or damaged: compute it
         pass
-    prompt, pooled, _ = encoders.encode_texts([""])
+    prompt, pooled, _, _ = encoders.encode_texts([""])
     cache_writer.CacheWriter(root, fingerprint).write_empty_embeddings(prompt[0], pooled[0])

@@ -8,10 +8,11 @@ Layout of one dataset's cache folder (`<cache_dir>/<basename>/`), every path ins
     index/shard-SSSSS-of-NNNNN.jsonl    one index part per --shard_index; the reader takes the union
     report.json                         what the last caching run cached and skipped (not read here)
 
-Every item file holds four tensors and, in its safetensors header, the item's full JSON record, so a
-killed run can be resumed from the item files alone (the index parts are written at the end of a run).
-Files are written to a temporary name in the same folder and moved into place with `os.replace`, so a
-reader never sees half a file. Nothing is pickled; reading needs neither a GPU nor code execution.
+Every item file holds four tensors (and those of OPTIONAL_ITEM_TENSORS it has) and, in its safetensors
+header, the item's full JSON record, so a killed run can be resumed from the item files alone (the index parts
+are written at the end of a run). Files are written to a temporary name in the same folder and moved into place
+with `os.replace`, so a reader never sees half a file. Nothing is pickled; reading needs neither a GPU nor code
+execution.
 
 Latents: we store the VAE posterior's mean and standard deviation, both multiplied by the VAE scaling
 factor, instead of one sample. The trainer draws `latent_mean + latent_std * randn` afresh every epoch
@@ -37,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -63,6 +64,15 @@ ITEMS_DIR = "items"
 ITEM_TENSORS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds")
 
 
+# Present in some items only; a reader returns those an item has. loss_mask: (1, H/8, W/8) weights in [0, 1]
+# at latent resolution (`data.masks`); the record's `loss_mask` field says whether the item has one.
+OPTIONAL_ITEM_TENSORS = ("loss_mask",)
+
+
+# prompt_embeds has one or more CLIP chunks of this many rows (`caching.text_chunks`, --max_token_length).
+TEXT_CHUNK_ROWS = 77
+
+
 EMPTY_TENSORS = ("prompt_embeds", "pooled_prompt_embeds")
 
 
@@ -86,6 +96,7 @@ class CacheItem:
     image_sha256: str
     caption_sha256: str
     tensor_file: str
+    loss_mask: bool = False  # the item file holds a `loss_mask` tensor (absent from records of older caches)
 
     @property
     def time_ids(self) -> tuple[int, int, int, int, int, int]:
@@ -97,6 +108,8 @@ class CacheItem:
         """Build from a JSON record (extra keys, such as fingerprint hashes, are ignored)."""
         values = {}
         for f in fields(cls):
+            if f.name not in record and f.default is not MISSING:
+                continue
             v = record[f.name]
             values[f.name] = tuple(int(x) for x in v) if isinstance(v, list) else v
         return cls(**values)

@@ -16,6 +16,8 @@ from sdxl_trainer.data.cache_format import (
     INDEX_DIR,
     ITEM_TENSORS,
     META_FILE,
+    OPTIONAL_ITEM_TENSORS,
+    TEXT_CHUNK_ROWS,
     CacheError,
     CacheItem,
     _read_index_part,
@@ -65,10 +67,11 @@ class DatasetCache:
         return [records[k] for k in sorted(records)]
 
     def load_item_tensors(self, item: CacheItem) -> dict[str, torch.Tensor]:
-        """CPU tensors: latent_mean (4, H/8, W/8), latent_std (same), prompt_embeds (77, D_ctx),
-        pooled_prompt_embeds (D_pool,). Latents are already multiplied by the VAE's scaling factor, so a
-        training latent is latent_mean + latent_std * randn (a fresh posterior sample each time).
-        Stored in the caching run's --cache_dtype (float16 by default): cast as needed."""
+        """CPU tensors: latent_mean (4, H/8, W/8), latent_std (same), prompt_embeds (k*77, D_ctx) for a caption
+        of k CLIP chunks (k = 1 unless cached with --max_token_length 154/231), pooled_prompt_embeds (D_pool,),
+        and loss_mask (1, H/8, W/8) when the item has a mask. Latents are already multiplied by the VAE's
+        scaling factor, so a training latent is latent_mean + latent_std * randn (a fresh posterior sample each
+        time). Stored in the caching run's --cache_dtype (float16 by default): cast as needed."""
         path = self.root / item.tensor_file
         try:
             tensors = load_file(str(path), device="cpu")
@@ -80,7 +83,13 @@ class DatasetCache:
         mean = tensors.get("latent_mean")
         if any(n not in tensors for n in ITEM_TENSORS) or mean is None or tuple(mean.shape[1:]) != (bh // 8, bw // 8):
             raise CacheError(f"{path}: tensors do not match the item's bucket {bw}x{bh}; re-run caching")
-        return {n: tensors[n] for n in ITEM_TENSORS}
+        mask = tensors.get("loss_mask")
+        if mask is not None and tuple(mask.shape) != (1, bh // 8, bw // 8):
+            raise CacheError(f"{path}: loss_mask does not match the item's bucket {bw}x{bh}; re-run caching")
+        rows = tensors["prompt_embeds"].shape[0]
+        if rows == 0 or rows % TEXT_CHUNK_ROWS:
+            raise CacheError(f"{path}: prompt_embeds has {rows} rows, not whole 77-token chunks; re-run caching")
+        return {n: tensors[n] for n in (*ITEM_TENSORS, *OPTIONAL_ITEM_TENSORS) if n in tensors}
 
     def load_empty_embeddings(self) -> dict[str, torch.Tensor]:
         """prompt_embeds (77, D_ctx) and pooled_prompt_embeds (D_pool,) of the empty caption "",

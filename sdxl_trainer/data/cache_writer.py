@@ -32,6 +32,7 @@ def make_record(
     upscaled: bool = False,
     image_sha256: str = "",
     extra: dict | None = None,
+    loss_mask: bool = False,
 ) -> dict:
     """A complete JSON record for an item (CacheItem's fields, plus fingerprint hashes and `extra`)."""
     key = item_key(image_relpath)
@@ -51,6 +52,7 @@ def make_record(
         image_sha256=image_sha256,
         caption_sha256=sha256_text(caption),
         tensor_file=item_tensor_relpath(key),
+        loss_mask=bool(loss_mask),
     )
     record = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(item).items()}
     record.update(image_fingerprint=image_fp, text_fingerprint=text_fp)
@@ -95,7 +97,7 @@ class CacheWriter:
     ) -> CacheItem:
         record = make_record(
             image_relpath, caption, bucket_wh, original_size_hw, crop_top_left, self.fingerprint, upscaled,
-            image_sha256, extra,
+            image_sha256, extra, loss_mask="loss_mask" in tensors,
         )  # fmt: skip
         write_item_file(self.root, record, tensors)
         self.add_record(record)

@@ -109,8 +109,10 @@ class CachedLatentDataset(Dataset):
         dropout_fraction: float,
         timestep_options: timesteps.TimestepOptions | None = None,
         noise: noise_options.NoiseOptions | None = None,
+        masked_loss: bool = False,
     ):
         self.caches = list(caches)
+        self.masked_loss = masked_loss
         self.entries = list(entries)
         self.seed = seed
         self.num_train_timesteps = num_train_timesteps
@@ -135,7 +137,12 @@ class CachedLatentDataset(Dataset):
         noise = objective.sample_noise(latents.shape, g)
         timestep = self.timesteps.sample(g)
         it = entry.item
+        extra = {}
+        if self.masked_loss:  # per-element loss weights; an item without a mask weighs every element 1
+            mask = tensors.get("loss_mask")
+            extra["loss_mask"] = torch.ones((1, *latents.shape[1:])) if mask is None else mask.float()
         return {
+            **extra,
             "latents": latents,
             **noise_options.shape_noise(noise, self.noise_options, g),
             "timesteps": timestep,
@@ -150,9 +157,29 @@ class CachedLatentDataset(Dataset):
         }
 
 
+def pad_prompt_embeds(embeds: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack (L_i, D) text embeddings of captions of different lengths (1-3 CLIP chunks): zeros up to the
+    longest, and a (B, L) bool `encoder_attention_mask` (True = a real token) that keeps the padding out of
+    cross-attention, so a caption trains the same whatever its batch partners. None when all lengths agree
+    (no mask: the plain attention kernels)."""
+    longest = max(e.shape[0] for e in embeds)
+    if all(e.shape[0] == longest for e in embeds):
+        return torch.stack(list(embeds)), None
+    padded = torch.zeros((len(embeds), longest, embeds[0].shape[1]), dtype=embeds[0].dtype)
+    mask = torch.zeros((len(embeds), longest), dtype=torch.bool)
+    for i, e in enumerate(embeds):
+        padded[i, : e.shape[0]] = e
+        mask[i, : e.shape[0]] = True
+    return padded, mask
+
+
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack per key, and build SDXL time ids per sample: a (B, 6) tensor, rows in SDXL's order (B1)."""
-    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    """Stack per key (text embeddings padded to the batch's longest caption), and build SDXL time ids per
+    sample: a (B, 6) tensor, rows in SDXL's order (B1)."""
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "prompt_embeds"}
+    batch["prompt_embeds"], attention_mask = pad_prompt_embeds([s["prompt_embeds"] for s in samples])
+    if attention_mask is not None:
+        batch["encoder_attention_mask"] = attention_mask
     batch["time_ids"] = objective.compute_time_ids(
         batch.pop("original_size_hw"), batch.pop("crop_top_left"), batch.pop("target_size_hw")
     )

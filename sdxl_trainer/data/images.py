@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
+from sdxl_trainer.data import masks
 from sdxl_trainer.data.buckets import ItemPlan
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
@@ -36,6 +37,7 @@ class DataItem:
     relpath: str  # POSIX, relative to the data folder: the item's identity in the cache
     caption: str
     caption_note: str | None  # why the caption needs attention (missing, not UTF-8), for the report
+    mask_path: Path | None = None  # `<stem>.mask.png` beside the image, when there is one (`data.masks`)
 
 
 def read_caption(caption_path: Path) -> tuple[str, str | None]:
@@ -61,19 +63,30 @@ def discover_items(data_dir: Path) -> tuple[list[DataItem], list[tuple[str, str]
     data_dir = Path(data_dir).resolve()
     items: list[DataItem] = []
     skipped: list[tuple[str, str]] = []
+    masks_found: set[Path] = set()
+    masks_used: set[Path] = set()
     for folder, dirnames, filenames in os.walk(data_dir):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             path = Path(folder) / name
             if name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
+            if masks.is_mask_file(name):  # a loss mask, not a training image
+                masks_found.add(path)
+                continue
             relpath = path.relative_to(data_dir).as_posix()
+            mask = masks.mask_path_for(path)
+            has_mask = mask.is_file()
+            if has_mask:
+                masks_used.add(mask)
             try:
                 caption, note = read_caption(path.with_suffix(".txt"))
             except OSError as exc:
                 skipped.append((relpath, f"caption unreadable: {exc.strerror or exc}"))
                 continue
-            items.append(DataItem(path, relpath, caption, note))
+            items.append(DataItem(path, relpath, caption, note, mask if has_mask else None))
+    for orphan in sorted(masks_found - masks_used):
+        skipped.append((orphan.relative_to(data_dir).as_posix(), "mask without an image of the same stem"))
     items.sort(key=lambda i: i.relpath)
     return items, skipped
 
@@ -153,8 +166,8 @@ def _open_checked(data: bytes, max_image_pixels: int) -> Image.Image:
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def load_image(path: Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, data: bytes | None = None) -> Image.Image:
-    """Open, check, decode, orient (EXIF) and convert one image to RGB; raises ImageSkip with the reason.
+def load_oriented(path: Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, data: bytes | None = None):
+    """Open, check, decode and orient (EXIF) one image file, in its own colour mode; raises ImageSkip.
 
     `data`: the file's bytes when the caller already read them (to hash exactly what is decoded)."""
     if data is None:
@@ -169,10 +182,22 @@ def load_image(path: Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, dat
         image = ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - broken EXIF: keep the stored orientation
         pass
+    return image
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """`to_rgb`, with a failure reported as ImageSkip."""
     try:
         return to_rgb(image)
     except Exception as exc:  # noqa: BLE001
         raise ImageSkip(f"colour mode {image.mode} could not be converted: {exc}") from exc
+
+
+def load_image(path: Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, data: bytes | None = None) -> Image.Image:
+    """Open, check, decode, orient (EXIF) and convert one image to RGB; raises ImageSkip with the reason.
+
+    `data`: the file's bytes when the caller already read them (to hash exactly what is decoded)."""
+    return as_rgb(load_oriented(path, max_image_pixels, data))
 
 
 def render_to_bucket(image: Image.Image, plan: ItemPlan) -> Image.Image:
@@ -181,8 +206,12 @@ def render_to_bucket(image: Image.Image, plan: ItemPlan) -> Image.Image:
     return image.resize(plan.bucket_wh, Image.Resampling.LANCZOS, box=plan.source_box, reducing_gap=3.0)
 
 
+def upscale_region_box(size_wh: tuple[int, int], plan: ItemPlan) -> tuple[int, int, int, int]:
+    """The source box that the crop keeps, in whole pixels (what the upscaler sees)."""
+    x0, y0, x1, y1 = plan.source_box
+    return max(0, round(x0)), max(0, round(y0)), min(size_wh[0], round(x1)), min(size_wh[1], round(y1))
+
+
 def region_to_upscale(image: Image.Image, plan: ItemPlan) -> Image.Image:
     """The part of the source that the crop keeps (whole pixels), which is all the upscaler needs to see."""
-    x0, y0, x1, y1 = plan.source_box
-    box = (max(0, round(x0)), max(0, round(y0)), min(image.width, round(x1)), min(image.height, round(y1)))
-    return image.crop(box)
+    return image.crop(upscale_region_box(image.size, plan))

@@ -17,7 +17,7 @@ from sdxl_trainer.data.dataset import (
     resolve_cache_paths,
 )
 from sdxl_trainer.distributed import DistInfo, check_same_on_all_ranks
-from sdxl_trainer.training import lr_schedule, objective_args
+from sdxl_trainer.training import lr_schedule, masked_loss_args, objective_args
 from sdxl_trainer.training.run_log import logger
 
 
@@ -92,9 +92,14 @@ def build_training_data(
             "for one global batch; lower --train_batch_size or add data"
         )
     total, num_epochs, per_epoch = plan_lengths(args, training, global_batch)
+    masked = getattr(args, "masked_loss", False)
+    try:
+        masked_loss_args.check_cache_has_masks(masked, sum(e.item.loss_mask for e in entries), len(entries))
+    except ValueError as exc:
+        raise DataSetupError(str(exc)) from exc
     dataset = CachedLatentDataset(
         caches, training + validation, args.set_seed, num_train_timesteps, args.conditional_dropout_percent,
-        objective_args.timestep_options(args), objective_args.noise_options(args),
+        objective_args.timestep_options(args), objective_args.noise_options(args), masked_loss=masked,
     )  # fmt: skip
     offset = len(training)
     batches = sampler.validation_batches([e.bucket_wh for e in validation], global_batch)

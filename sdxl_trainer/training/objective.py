@@ -74,7 +74,8 @@ def compute_time_ids(
 
 def predict(unet: torch.nn.Module, scheduler, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The UNet's prediction and the training target for one batch (tensors already on the device): noisy
-    latents by the scheduler, SDXL conditioning = context, pooled text embedding and per-sample time ids."""
+    latents by the scheduler, SDXL conditioning = context, pooled text embedding and per-sample time ids.
+    A batch of captions of different lengths carries `encoder_attention_mask` (padding left out of attention)."""
     latents, noise, timesteps = batch["latents"], batch["noise"], batch["timesteps"]
     # With --input_perturbation the input is noised with a perturbed noise while the target keeps `noise`.
     noisy = add_noise(scheduler, latents, batch.get("input_noise", noise), timesteps)
@@ -83,6 +84,7 @@ def predict(unet: torch.nn.Module, scheduler, batch: dict[str, torch.Tensor]) ->
         noisy,
         timesteps,
         encoder_hidden_states=batch["prompt_embeds"],
+        encoder_attention_mask=batch.get("encoder_attention_mask"),
         added_cond_kwargs={"text_embeds": batch["pooled_prompt_embeds"], "time_ids": batch["time_ids"]},
     ).sample
     return prediction, target

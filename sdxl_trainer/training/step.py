@@ -34,7 +34,14 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> dic
     for batch in micro_batches:
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         prediction, target = objective.predict(tr.unet, tr.noise_scheduler, batch)
-        per_sample = loss.per_sample_loss(prediction, target, batch["timesteps"], tr.noise_scheduler, **tr.loss_options)
+        per_sample = loss.per_sample_loss(
+            prediction,
+            target,
+            batch["timesteps"],
+            tr.noise_scheduler,
+            element_weights=batch.get("loss_mask"),
+            **tr.loss_options,
+        )  # --masked_loss: each latent element weighted by the item's cached mask
         micro_loss = loss.reduce_loss(per_sample)
         loss_sum += micro_loss.detach()
         scaled = micro_loss / len(micro_batches)

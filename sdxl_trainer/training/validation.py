@@ -14,7 +14,7 @@ import torch.distributed as dist
 from sdxl_trainer.data import dataset, sampler
 from sdxl_trainer.distributed import DistInfo, barrier
 from sdxl_trainer.evaluation import evaluator
-from sdxl_trainer.training import objective, saving
+from sdxl_trainer.training import loss, objective, saving
 from sdxl_trainer.training.run_log import TAG_VALIDATION_LOSS, logger
 
 if TYPE_CHECKING:
@@ -44,7 +44,10 @@ def validation_loss(tr: Trainer) -> float | None:
         batch = {k: v.to(tr.info.device, non_blocking=True) for k, v in batch.items()}
         prediction, target = objective.predict(tr.unet, tr.noise_scheduler, batch)
         weights = batch["weight"].double()
-        per_sample = objective.per_sample_mse(prediction, target).double()
+        # Plain MSE (the loss options left out, so epochs compare), weighted by the loss mask with --masked_loss.
+        mask = batch.get("loss_mask")
+        per_sample = loss.per_sample_loss(prediction, target, batch["timesteps"], tr.noise_scheduler,
+                                          element_weights=mask).double()  # fmt: skip
         totals += torch.stack([(per_sample * weights).sum(), weights.sum()])
     tr.unet.train()
     dist.all_reduce(totals)
