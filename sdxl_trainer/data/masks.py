@@ -1,6 +1,6 @@
 """Loss masks: where they come from (`<stem>.mask.png` beside an image, or its alpha channel with --alpha_mask),
 how they are read (grey levels = weights in [0, 1]) and how they reach latent resolution (the image's own
-bucket crop, then an area average over each 8x8 pixel block: one weight per latent element).
+bucket crop and scale, then the mean of each 8x8 pixel block: one weight per latent element).
 
 White (255) trains a pixel fully, black (0) leaves it out of the loss, grey weighs in between. A mask must
 have the image's size (after both are turned upright by their EXIF orientation); otherwise the item is
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from sdxl_trainer.data.buckets import ItemPlan
@@ -67,11 +68,9 @@ def check_mask_size(mask: Image.Image, image_size_wh: tuple[int, int], mask_name
 
 
 def mask_to_latent(weights: Image.Image, plan: ItemPlan, box: tuple[float, float, float, float] | None = None):
-    """(1, H/8, W/8) float32 weights for a bucket of (W, H): the region of the source that the image's crop
-    keeps (`box`, default the plan's source box), averaged over each latent element's area (PIL's BOX filter is
-    an exact area average), so a latent element half covered by a white region weighs 0.5."""
-    bw, bh = plan.bucket_wh
-    size = (bw // LATENT_FACTOR, bh // LATENT_FACTOR)
-    small = weights.resize(size, Image.Resampling.BOX, box=box if box is not None else plan.source_box)
-    array = np.clip(np.asarray(small, dtype=np.float32), 0.0, 1.0)
-    return torch.from_numpy(array.copy()).unsqueeze(0)
+    """(1, H/8, W/8) float32 weights for a bucket of (W, H): the mask cropped and scaled exactly like the image
+    (the region `box` of the source that the crop keeps, default the plan's source box, resampled to the bucket),
+    then each latent element gets the mean of its 8x8 pixels, so an element half covered by white weighs 0.5."""
+    bucket = weights.resize(plan.bucket_wh, Image.Resampling.BOX, box=box if box is not None else plan.source_box)
+    pixels = torch.from_numpy(np.asarray(bucket, dtype=np.float32).copy()).clamp_(0.0, 1.0)
+    return F.avg_pool2d(pixels[None, None], LATENT_FACTOR)[0]
