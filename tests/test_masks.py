@@ -13,7 +13,7 @@ from sdxl_trainer.data import masks
 from sdxl_trainer.data.buckets import plan_item
 from sdxl_trainer.data.dataset import collate, pad_prompt_embeds
 from sdxl_trainer.data.images import discover_items
-from sdxl_trainer.training import masked_loss_args, objective
+from sdxl_trainer.training import loss, masked_loss_args
 
 
 def test_mask_at_latent_resolution_is_the_mean_of_8x8_pixels_of_the_images_bucket_crop():
@@ -76,24 +76,27 @@ def test_discovery_attaches_masks_and_never_trains_on_them(tmp_path):
 
 
 def test_per_sample_loss_weights_each_element_by_the_mask():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    timesteps = torch.tensor([10, 500])
     g = torch.Generator().manual_seed(0)
     prediction = torch.randn(2, 4, 3, 5, generator=g, requires_grad=True)
     target = torch.randn(2, 4, 3, 5, generator=g)
     mask = torch.rand(2, 1, 3, 5, generator=g)
     mask[0, :, :, :2] = 0
-    loss = objective.per_sample_loss(prediction, target, mask)
-    # Independent formula: sum over elements of w * d^2 (w the same on the 4 channels) / element count.
+    per_sample = loss.per_sample_loss(prediction, target, timesteps, scheduler, element_weights=mask)
+    # Independent formula: the weighted mean of d^2 over each sample's elements (w the same on the 4 channels).
     d2 = (prediction.detach() - target) ** 2
-    expected = torch.stack([(d2[b] * mask[b, 0]).sum() / d2[b].numel() for b in range(2)])
-    torch.testing.assert_close(loss, expected)
-    # No mask (or an all-ones mask) is the plain MSE.
-    torch.testing.assert_close(objective.per_sample_loss(prediction, target).mean(), F.mse_loss(prediction, target))
-    ones = torch.ones(2, 1, 3, 5)
-    torch.testing.assert_close(
-        objective.per_sample_loss(prediction, target, ones), objective.per_sample_loss(prediction, target)
-    )
+    expected = torch.stack([(d2[b] * mask[b, 0]).sum() / (4 * mask[b].sum()) for b in range(2)])
+    torch.testing.assert_close(per_sample, expected)
+    # No mask, or an all-ones mask, is the plain MSE.
+    plain = loss.per_sample_loss(prediction, target, timesteps, scheduler)
+    torch.testing.assert_close(plain.mean(), F.mse_loss(prediction, target))
+    ones = loss.per_sample_loss(prediction, target, timesteps, scheduler, element_weights=torch.ones(2, 1, 3, 5))
+    torch.testing.assert_close(ones, plain)
     # Masked-out elements get no gradient.
-    loss.mean().backward()
+    per_sample.mean().backward()
     assert torch.all(prediction.grad[0, :, :, :2] == 0) and torch.all(prediction.grad[0, :, :, 2:] != 0)
 
 
