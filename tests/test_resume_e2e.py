@@ -153,11 +153,31 @@ def test_two_runs_whose_folders_share_a_name_keep_separate_handoff_and_tensorboa
     configs = []
     for parent in ("x", "y"):
         out = tmp_path / parent / "run"
-        argv = base_args(tiny_model_dir, cache_root, out, "--max_train_steps", "1", "--no-save_final_model")
+        # A checkpoint by time after every step: --checkpointing_minutes far below a step's duration.
+        argv = base_args(tiny_model_dir, cache_root, out, "--max_train_steps", "2", "--no-save_final_model",
+                         "--checkpointing_minutes", "1e-9")  # fmt: skip
         i = argv.index("--log_dir")
         del argv[i : i + 2]
         assert sdxl_fsdp_train.main(argv) == 0
         configs.append(json.loads((out / "config.json").read_text()))
         assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
     assert configs[0]["handoff_dir_used"] != configs[1]["handoff_dir_used"]
     assert configs[0]["tensorboard_dir"] != configs[1]["tensorboard_dir"]
+
+
+def test_non_finite_weights_are_never_saved(tiny_model_dir, cache_root, tmp_path, monkeypatch, capsys):
+    from sdxl_trainer.training import loop
+
+    real_step = loop.train_step
+
+    def poisoning_step(tr, batches):
+        result = real_step(tr, batches)
+        tr.optimizer.locals[0].data.view(-1)[0] = float("nan")  # e.g. an update that overflowed a weight
+        return result
+
+    monkeypatch.setattr(loop, "train_step", poisoning_step)
+    out = tmp_path / "nan"
+    assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, out, "--max_train_steps", "2")) == 2
+    assert "non-finite values; nothing was saved" in capsys.readouterr().err
+    assert not (out / "checkpoints").exists() and not (out / "final").exists()
