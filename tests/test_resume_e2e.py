@@ -76,6 +76,8 @@ def test_resume_from_an_older_checkpoint_replaces_the_newer_trajectory(tiny_mode
     assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, c, *COMMON, *alone)) == 0
     c_loss = _losses(c)
     assert sorted(c_loss) == [7, 8] and [c_loss[7], c_loss[8]] == [b_loss[7], b_loss[8]]
+    # Step 6 ends epoch 1: its checkpoint was written after that epoch's evaluation, which C does not repeat.
+    assert [(v["epoch"], v["step"]) for v in read_metrics(c, "validation")] == [(2, STEPS)]
 
 
 def test_a_fresh_run_into_a_folder_with_checkpoints_stops_and_changes_nothing(
