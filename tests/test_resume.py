@@ -167,9 +167,11 @@ def test_a_fresh_run_into_a_folder_with_checkpoints_is_refused_and_changes_nothi
 def test_logs_of_a_run_without_checkpoints_are_moved_aside(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
     (tmp_path / "train.log").write_text("old\n")
+    (tmp_path / "tensorboard").mkdir()
     notes = run_folder.prepare_fresh(tmp_path, overwrite=False, run_id="r2")
     aside = tmp_path / "set_aside" / "before-run-r2"
-    assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "train.log"] and str(aside) in notes[0]
+    assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "tensorboard", "train.log"]
+    assert str(aside) in notes[0]
     assert not (tmp_path / "metrics.jsonl").exists()
 
 

@@ -79,7 +79,7 @@ def prepare_fresh(run_dir: Path, overwrite: bool, run_id: str) -> list[str]:
         if gone:
             notes.append(f"--overwrite_output_dir: deleted the earlier run's {', '.join(sorted(gone))} in {run_dir}")
         return notes
-    old = [run_dir / n for n in RUN_LOG_FILES if (run_dir / n).exists()]
+    old = [run_dir / n for n in (*RUN_LOG_FILES, TENSORBOARD) if (run_dir / n).exists()]
     if old:
         aside = run_dir / SET_ASIDE / f"before-run-{run_id}"
         for path in old:
@@ -118,7 +118,7 @@ def prepare_resume(run_dir: Path, checkpoint: Path, state: dict, run_id: str) ->
         if (run_dir / "summary.json").is_file() and (newer or rest):
             _move(run_dir / "summary.json", aside)
     elif not same_folder:
-        old = [run_dir / n for n in RUN_LOG_FILES if (run_dir / n).exists()]
+        old = [run_dir / n for n in (*RUN_LOG_FILES, TENSORBOARD) if (run_dir / n).exists()]
         for path in old:
             _move(path, aside)
         if old:
