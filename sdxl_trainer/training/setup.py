@@ -68,6 +68,7 @@ def _prepare_run_folder(args: argparse.Namespace, info: DistInfo, run_dir: Path)
     """Rank 0: lock the folder, pick and verify the checkpoint, compare its flags with ours, set aside what
     belongs to other runs. Nothing in the folder changes before all checks pass."""
     run_id = run_folder.new_run_id()
+    release_run_folder(run_dir)  # a lock this process kept from an earlier setup() that never ran to its end
     lock = run_lock.RunLock(run_dir, run_id).acquire()
     try:
         path, notes = ckpt.choose_resume_checkpoint(args.resume_from_checkpoint, run_dir)
