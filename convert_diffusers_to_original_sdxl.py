@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sdxl_trainer.arg_types import HelpFormatter
 from sdxl_trainer.models.single_file import DTYPES, save_single_file
 from sdxl_trainer.models.single_file_keys import ConversionError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model_path", required=True, help="diffusers SDXL pipeline folder (has model_index.json)")
     parser.add_argument("--checkpoint_path", required=True, help="output file, ending in .safetensors")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="dtype of every tensor (default fp16)")

@@ -17,15 +17,23 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from sdxl_trainer.training import loop, train_args
+    """Exit status 0 when the run completed (or was stopped by a signal, checkpoint written); an expected error is
+    one line on stderr and status 1 (sdxl_trainer.cli)."""
+    from sdxl_trainer import cli
 
-    args = train_args.parse_args(argv, description=__doc__)
-    try:
-        summary = loop.main(args)
-    except loop.REFUSALS as exc:  # the run folder or checkpoint does not allow this run: one clear message
-        print(f"sdxl_fsdp_train.py: error: {exc}", file=sys.stderr)
-        return 2
-    return 0 if summary.get("completed") or summary.get("stopped_by_signal") else 1
+    def run() -> int:
+        from sdxl_trainer.training import loop, train_args
+
+        args = cli.parse_on_rank0(lambda: train_args.parse_args(argv, description=__doc__))
+        try:
+            summary = loop.main(args)
+        except loop.REFUSALS as exc:  # the run folder or checkpoint does not allow this run: one clear message
+            if cli.rank() == 0:
+                print(f"sdxl_fsdp_train.py: error: {exc}", file=sys.stderr)
+            return 2
+        return 0 if summary.get("completed") or summary.get("stopped_by_signal") else 1
+
+    return cli.run_main(run, cli.trainer_errors)
 
 
 if __name__ == "__main__":

@@ -19,15 +19,17 @@ from sdxl_trainer.caching.caching_args import parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv, description=__doc__)
-    from sdxl_trainer.caching.run import CachingError, run_caching
+    """An expected error (a model that does not load, an unusable folder) is one line and exit status 1."""
+    from sdxl_trainer import cli
 
-    try:
+    def run() -> int:
+        args = cli.parse_on_rank0(lambda: parse_args(argv, description=__doc__))
+        from sdxl_trainer.caching.run import run_caching
+
         run_caching(args)
-    except CachingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return cli.run_main(run, cli.caching_errors)
 
 
 if __name__ == "__main__":

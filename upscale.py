@@ -14,13 +14,14 @@ import sys
 
 import torch
 
+from sdxl_trainer.arg_types import HelpFormatter
 from sdxl_trainer.upscaling.folders import OUTPUT_FORMATS, upscale_files
 from sdxl_trainer.upscaling.model_files import UpscalerError
 from sdxl_trainer.upscaling.upscaler import Upscaler
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--input", required=True, help="an image file or a folder (searched recursively)")
     parser.add_argument("--output", required=True, help="output folder (must not be inside --input)")
     parser.add_argument("--model", required=True, help="super-resolution weights (.pth/.safetensors), e.g. x4plus")

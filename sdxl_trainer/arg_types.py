@@ -34,3 +34,17 @@ def positive_fraction(text: str) -> float:
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {value}")
     return value
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions kept as written (they hold example commands) and every flag's default shown, unless its help
+    already says it: `--help` must not hide, say, a batch of 10 x accumulation 60 that makes a short run look hung."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction) or action.nargs == 0:
+            return text + " (default: off)" if action.default is False else text + " (default: on)"
+        shown = "%(default)s" if action.default not in (None, [], "") else "none"
+        return f"{text} (default: {shown})"

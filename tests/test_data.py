@@ -104,11 +104,11 @@ def test_validation_split_is_deterministic_order_independent_and_never_empty_or_
     assert sampler.split_validation(uids, 0.05, seed=3) <= a
 
 
-def test_small_buckets_are_reported_and_left_out(tmp_path):
+def test_small_buckets_are_reported_as_padded(tmp_path):
     root = write_synthetic_cache(tmp_path / "c" / "ds", {(64, 64): 5, (64, 96): 2})
     _, entries, _ = dataset.load_entries([root])
-    keep, notes = sampler.trainable_entries(entries, 4)
-    assert len(keep) == 5 and len(notes) == 1 and "64x96" in notes[0]
+    notes = sampler.padded_bucket_notes(entries, 4)
+    assert len(notes) == 1 and "64x96" in notes[0] and "padded" in notes[0]
 
 
 def test_validation_batches_pad_with_zero_weights_and_cover_every_item_once():

@@ -15,7 +15,7 @@ from train_helpers import base_args, read_metrics, write_synthetic_cache
 import sdxl_fsdp_train
 from sdxl_trainer.data import dataset, sampler
 from sdxl_trainer.distributed import cleanup
-from sdxl_trainer.training import loop, objective, setup, sharding, step, train_args
+from sdxl_trainer.training import loop, loss, objective, setup, sharding, step, train_args
 from sdxl_trainer.training.state import TrainingError
 
 pytestmark = pytest.mark.slow
@@ -137,17 +137,11 @@ def test_time_ids_reach_the_unet_per_sample_in_order(tiny_model_dir, cache_root,
         cleanup()
 
 
-def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_model_dir, tmp_path):
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_model_dir, tmp_path, monkeypatch):
     root = tmp_path / "nan_cache"
-    ds = write_synthetic_cache(root / "ds", {(64, 64): 4})
-    for f in ds.rglob("items/*/*.safetensors"):  # poison every latent
-        from safetensors import safe_open
-        from safetensors.torch import save_file
-
-        with safe_open(str(f), framework="pt") as fh:
-            meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
-        tensors["latent_mean"] = torch.full_like(tensors["latent_mean"], float("nan"))
-        save_file(tensors, str(f), metadata=meta)
+    write_synthetic_cache(root / "ds", {(64, 64): 4})
+    # NaN in the cache is refused item by item (test_cache_integrity.py); a diverging loss is what remains.
+    monkeypatch.setattr(loss, "per_sample_loss", lambda p, t, *a, **k: (p - t).float().flatten(1).mean(1) * torch.nan)
     out = tmp_path / "run"
     with pytest.raises(TrainingError, match="--max_nonfinite_steps 2"):
         loop.main(train_args.parse_args(base_args(tiny_model_dir, root, out, "--max_nonfinite_steps", "2",
@@ -191,9 +185,6 @@ def test_start_up_checks_name_the_flag(tiny_model_dir, cache_root, tmp_path):
     with pytest.raises(dataset.DataError, match="--max_resolution 1024"):
         loop.main(train_args.parse_args(base_args(tiny_model_dir, cache_root, tmp_path / "r", "--max_resolution",
                                                    "1024")))  # fmt: skip
-    with pytest.raises(Exception, match="--train_batch_size 50"):
-        loop.main(train_args.parse_args(base_args(tiny_model_dir, cache_root, tmp_path / "r",
-                                                   "--train_batch_size", "50")))  # fmt: skip
 
 
 def test_sharding_check_refuses_an_unsharded_unet():
@@ -238,7 +229,7 @@ def test_compiled_blocks_train_as_eager_does(tiny_model_dir, cache_root, tmp_pat
     assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, eager, *common)) == 0
     assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, compiled, *common, "--compile", "blocks")) == 0
     a, b = read_metrics(eager), read_metrics(compiled)
-    assert len(a) == len(b) == 6
+    assert len(a) == len(b) == 7  # 13 items, global batch 2: the last epoch also trains the remainder (padded)
     # Inductor reorders fp32 sums: measured at most 6.5e-7 relative over the 6 steps (lr 1e-3).
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
     assert graphs_during_validation == [0, 0, 0, 0]  # epochs 0 and 1 of each run

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from sdxl_trainer.arg_types import HelpFormatter
 from sdxl_trainer.caching import text_chunks
 from sdxl_trainer.data.images import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -160,7 +161,7 @@ class CachingArgs:
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     for f in fields(CachingArgs):
         flag, help_text = f"--{f.name}", f.metadata["help"]
         if f.type in ("bool", bool):

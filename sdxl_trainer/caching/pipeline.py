@@ -63,6 +63,8 @@ class Pipeline:
         self.writer = ThreadPoolExecutor(max_workers=2)
         self.pending_writes: list = []
         self.records: list[dict] = []
+        self.skipped: list[tuple[str, str]] = []  # (relpath, reason): encoded to unusable values
+        self._marked = False
         self.encoded_images = 0
         self.first_batch: tuple[float, int] | None = None  # (time, images) when the first batch was finished
         self.in_flight: InFlight | None = None
@@ -150,7 +152,7 @@ class Pipeline:
         old = work.old
         plan = job.get("plan")
         missing = [n for n in cache_format.ITEM_TENSORS if n not in tensors]
-        if missing:
+        if missing:  # classify() checked this file (checksum and values) before reusing half of it
             previous = load_file(str(self.root / old["tensor_file"]))
             tensors.update({n: previous[n] for n in missing})
             if plan is None:  # caption-only update: the image side, its mask included, stays as it was
@@ -181,6 +183,10 @@ class Pipeline:
             image_size_bytes=work.stat[0], image_mtime_ns=work.stat[1], caption_tokens=token_count,
             caption_truncated=truncated, caption_notes=notes,
         )  # fmt: skip
+        problem = cache_format.value_problem(tensors)
+        if problem:  # e.g. an fp16 overflow in an encoder: never cached, named in the report
+            self.skipped.append((work.item.relpath, f"encoded to unusable values: {problem}"))
+            return
         sha = job.get("sha") or old["image_sha256"]
         record = cache_writer.make_record(
             work.item.relpath,
@@ -192,9 +198,16 @@ class Pipeline:
             **geometry,
         )
         self.records.append(record)
+        self.mark_writing()
         self.pending_writes.append(self.writer.submit(cache_format.write_item_file, self.root, record, tensors))
         if len(self.pending_writes) > 64:
             self.pending_writes.pop(0).result()  # bound memory; surface write errors early
+
+    def mark_writing(self) -> None:
+        """Before this run's first write: the index part no longer matches the items until the run ends."""
+        if not self._marked:
+            cache_format.mark_writing(self.root, self.args.shard_index, self.args.num_shards)
+            self._marked = True
 
     def close(self, finish_in_flight: bool = True) -> None:
         """Finish (or drop, after a failure) the batch in flight and wait for every queued write."""

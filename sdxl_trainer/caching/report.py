@@ -45,11 +45,12 @@ def _truncated(record: dict) -> bool:
     return (record.get("caption_tokens") or 0) > 77
 
 
-def build_report(records: list[dict], skipped: list[dict], stats: dict) -> dict:
+def build_report(records: list[dict], skipped: list[dict], stats: dict, repaired: list[dict] | None = None) -> dict:
     notes = [{"path": r["image_relpath"], "note": n} for r in records for n in r.get("caption_notes", [])]
     return {
         "cached": len(records),
         "skipped": sorted(skipped, key=lambda s: s["path"]),
+        "repaired": sorted(repaired or [], key=lambda s: s["path"]),
         "buckets": _bucket_counts(records),
         "notes": sorted(notes, key=lambda n: n["path"]),
         "truncated_captions": sum(_truncated(r) for r in records),
@@ -66,13 +67,14 @@ def finish_shard(root: Path, args: CachingArgs, fingerprint: dict, summary: dict
         dist.barrier()
     if rank != 0:
         return None
-    records, skipped = [], []
+    records, skipped, repaired = [], [], []
     stats = {"encoded": 0, "reused": 0, "seconds": 0.0, "images_per_second": 0.0, "encoded_per_process": []}
     for r in range(world):
         name = f"shard-{args.shard_index:05d}-of-{args.num_shards:05d}.rank-{r:05d}-of-{world:05d}.json"
         part = json.loads((parts / name).read_text(encoding="utf-8"))
         records += part["records"]
         skipped += part["skipped"]
+        repaired += part.get("repaired", [])
         stats["encoded"] += part["encoded"]
         stats["encoded_per_process"].append(part["encoded"])
         stats["reused"] += part["reused"]
@@ -85,7 +87,7 @@ def finish_shard(root: Path, args: CachingArgs, fingerprint: dict, summary: dict
     cache_format.write_meta(root, args.basename, fingerprint)
     cache_format.write_index_part(root, args.shard_index, args.num_shards, fingerprint, records)
     shutil.rmtree(parts, ignore_errors=True)
-    report = build_report(records, skipped, stats)
+    report = build_report(records, skipped, stats, repaired)
     report_dir = root / REPORTS_DIR
     atomic_files.atomic_write_json(report_dir / f"shard-{args.shard_index:05d}-of-{args.num_shards:05d}.json", report)
     for old in report_dir.glob("shard-*.json"):  # reports of an earlier --num_shards layout
@@ -96,13 +98,15 @@ def finish_shard(root: Path, args: CachingArgs, fingerprint: dict, summary: dict
 
 
 def merge_reports(paths: list[Path]) -> dict:
-    merged = {"cached": 0, "skipped": [], "buckets": Counter(), "notes": [], "encoded": 0, "reused": 0}
+    merged = {"cached": 0, "skipped": [], "repaired": [], "buckets": Counter(), "notes": [], "encoded": 0}
+    merged["reused"] = 0
     merged["truncated_captions"] = 0
     merged["encoded_per_process"] = []
     for path in paths:
         part = json.loads(path.read_text(encoding="utf-8"))
         merged["cached"] += part["cached"]
         merged["skipped"] += part["skipped"]
+        merged["repaired"] += part.get("repaired", [])
         merged["buckets"].update(part["buckets"])
         merged["notes"] += part["notes"]
         merged["encoded"] += part.get("encoded", 0)
@@ -122,6 +126,9 @@ def print_report(report: dict, root: Path) -> None:
     if report["skipped"]:
         lines.append(f"skipped {len(report['skipped'])} files:")
         lines += [f"  {s['path']}: {s['reason']}" for s in report["skipped"]]
+    if report.get("repaired"):
+        lines.append(f"re-encoded {len(report['repaired'])} damaged items:")
+        lines += [f"  {s['path']}: {s['reason']}" for s in report["repaired"]]
     if report["notes"]:
         lines.append(f"caption notes ({len(report['notes'])}):")
         lines += [f"  {n['path']}: {n['note']}" for n in report["notes"]]

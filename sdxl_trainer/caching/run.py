@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from sdxl_trainer.caching.caching_args import CachingArgs
-from sdxl_trainer.caching.encoders import Encoders, resolve_device
+from sdxl_trainer.caching.encoders import resolve_device
 from sdxl_trainer.caching.file_hashing import HASH_MEMO_FILE, FileHasher
 from sdxl_trainer.caching.fingerprint import build_fingerprint
 from sdxl_trainer.caching.pipeline import Pipeline, UpscalerFactory, Work
@@ -127,9 +127,13 @@ def _mine(key: str, args: CachingArgs, rank: int, world: int) -> bool:
 
 
 def classify(items: list[DataItem], root: Path, fingerprint: dict, args: CachingArgs):
-    """Split this process's items into (image work, caption-only work, reused records, skipped)."""
+    """Split this process's items into (image work, caption-only work, reused records, skipped, repaired).
+
+    An item file of another format version is re-encoded. With --verify_hashes every reused item file is checked
+    (checksum and values) and re-encoded when it fails; a file whose caption half is about to be replaced is always
+    checked, since its image half is copied into the new file. Failed files are listed in `repaired`."""
     image_fp, text_fp = cache_format.fingerprint_parts(fingerprint)
-    image_work, text_work, reused, skipped = [], [], [], []
+    image_work, text_work, reused, skipped, repaired = [], [], [], [], []
     for item in items:
         key = cache_format.item_key(item.relpath)
         try:
@@ -137,12 +141,22 @@ def classify(items: list[DataItem], root: Path, fingerprint: dict, args: Caching
         except OSError as exc:  # vanished since discovery, or a broken symlink
             skipped.append((item.relpath, f"unreadable: {exc.strerror or exc}"))
             continue
-        old = cache_format.read_item_record(root / cache_format.item_tensor_relpath(key))
-        if old is not None and (old.get("key") != key or old.get("image_relpath") != item.relpath):
+        path = root / cache_format.item_tensor_relpath(key)
+        old = cache_format.read_item_record(path)
+        if old is not None and (
+            old.get("key") != key
+            or old.get("image_relpath") != item.relpath
+            or old.get("format_version") != cache_format.CACHE_FORMAT_VERSION
+        ):
             old = None
         image_ok = old is not None and old.get("image_fingerprint") == image_fp
         text_ok = old is not None and old.get("text_fingerprint") == text_fp
         text_ok = text_ok and old.get("caption_sha256") == cache_format.sha256_text(item.caption)
+        if old is not None and (args.verify_hashes or (image_ok and not text_ok)):
+            problem = cache_format.verify_item_file(path)
+            if problem:
+                repaired.append((item.relpath, problem))
+                old, image_ok, text_ok = None, False, False
         file_stat = (stat.st_size, stat.st_mtime_ns)
         # Same size and mtime as when it was encoded: the bytes are taken as unchanged (as make and rsync
         # do); --verify_hashes re-hashes anyway. A changed stat is re-hashed in a worker before re-encoding.
@@ -159,7 +173,7 @@ def classify(items: list[DataItem], root: Path, fingerprint: dict, args: Caching
             reused.append(old)
         else:
             text_work.append(work)
-    return image_work, text_work, reused, skipped
+    return image_work, text_work, reused, skipped, repaired
 
 
 def _mask_stat(item: DataItem) -> list[int] | None:
@@ -222,8 +236,10 @@ def _run(args: CachingArgs, upscaler_factory: UpscalerFactory | None, stop_after
     items, skipped = discover_items(Path(args.data_dir))
     mine = [i for i in items if _mine(cache_format.item_key(i.relpath), args, rank, world)]
     skipped = [s for s in skipped if _mine(cache_format.item_key(s[0]), args, rank, world)]
-    image_works, text_only, reused, unreadable = classify(mine, root, fingerprint, args)
+    image_works, text_only, reused, unreadable, repaired = classify(mine, root, fingerprint, args)
     skipped += unreadable
+    for relpath, problem in repaired:
+        print(f"re-encoding {relpath}: {problem}", flush=True)
     device = resolve_device()
     pipe = Pipeline(args, root, fingerprint, device, upscaler_factory or _default_upscaler, batch_on_cpu)
     pipe.records.extend(reused)
@@ -266,7 +282,7 @@ def _run(args: CachingArgs, upscaler_factory: UpscalerFactory | None, stop_after
         for start in range(0, len(text_only), pipe.batch_size):
             pipe.submit([(w, {}) for w in text_only[start : start + pipe.batch_size]])
         if rank == 0:
-            _ensure_empty_embeddings(root, fingerprint, pipe.encoders)
+            _ensure_empty_embeddings(root, fingerprint, pipe)
     except BaseException as exc:
         progress.close()
         # Ctrl-C: finish the batch already encoded; any other failure: keep what is written, nothing more.
@@ -274,6 +290,7 @@ def _run(args: CachingArgs, upscaler_factory: UpscalerFactory | None, stop_after
         raise
     progress.close()
     pipe.close()
+    skipped += pipe.skipped
     ended = time.perf_counter()
     seconds = ended - started
     steady = None
@@ -283,6 +300,7 @@ def _run(args: CachingArgs, upscaler_factory: UpscalerFactory | None, stop_after
     summary = {
         "records": pipe.records,
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
+        "repaired": [{"path": p, "reason": r} for p, r in repaired],
         "encoded": len(pipe.records) - len(reused) - touched,
         "reused": len(reused) + touched,
         "seconds": seconds,
@@ -300,7 +318,7 @@ def _touch(work: Work) -> dict:
     return dict(work.old, image_size_bytes=work.stat[0], image_mtime_ns=work.stat[1])
 
 
-def _ensure_empty_embeddings(root: Path, fingerprint: dict, encoders: Encoders) -> None:
+def _ensure_empty_embeddings(root: Path, fingerprint: dict, pipe: Pipeline) -> None:
     """The empty caption's embeddings (caption dropout), from the same encoders; only when missing or stale."""
     path = root / cache_format.EMPTY_FILE
     text_fp = cache_format.fingerprint_parts(fingerprint)[1]
@@ -312,5 +330,6 @@ def _ensure_empty_embeddings(root: Path, fingerprint: dict, encoders: Encoders) 
                 return
     except Exception:  # noqa: BLE001 - missing or damaged: compute it
         pass
-    prompt, pooled, _, _ = encoders.encode_texts([""])
+    prompt, pooled, _, _ = pipe.encoders.encode_texts([""])
+    pipe.mark_writing()
     cache_writer.CacheWriter(root, fingerprint).write_empty_embeddings(prompt[0], pooled[0])

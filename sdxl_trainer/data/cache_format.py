@@ -14,6 +14,15 @@ are written at the end of a run). Files are written to a temporary name in the s
 with `os.replace`, so a reader never sees half a file. Nothing is pickled; reading needs neither a GPU nor code
 execution.
 
+Integrity (format 2): each record holds `tensor_sha256`, a checksum over all of the item's tensors (names,
+dtypes, shapes, bytes) computed when it is written, and the reader checks it, with the values (finite and
+inside fp16's range), on every read: a flipped byte, a NaN or a saturated item is named and refused, never
+trained. A caching run marks each index part it is about to change with `index/<part>.writing` before it
+writes its first item file and removes the mark after the new index part is in place, so a run killed
+half-way leaves a cache the trainer refuses (re-running caching completes it) rather than item files of the
+new run read with captions and hashes of the old index; the checksum in the index also refuses any item
+file that does not belong to it.
+
 Latents: we store the VAE posterior's mean and standard deviation, both multiplied by the VAE scaling
 factor, instead of one sample. The trainer draws `latent_mean + latent_std * randn` afresh every epoch
 (the seed reused a single sample for all epochs, B41), and the cache itself stays deterministic: the same
@@ -46,7 +55,7 @@ from safetensors import safe_open
 
 from sdxl_trainer.atomic_files import _atomic_write_bytes, atomic_save_safetensors, atomic_write_json
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: per-item tensor checksums, in-progress marks
 
 
 META_FILE = "cache.json"
@@ -79,8 +88,20 @@ EMPTY_TENSORS = ("prompt_embeds", "pooled_prompt_embeds")
 _RECORD_KEY = "sdxl_trainer.record"
 
 
+WRITING_SUFFIX = ".writing"
+
+
+# A cached value at or beyond fp16's largest finite number means an overflow somewhere (encoder in fp16,
+# saturating cast): such an item would train on garbage, so it is refused like a NaN.
+MAX_ABS_VALUE = 65504.0
+
+
 class CacheError(RuntimeError):
     """The cache is missing, stale, incomplete or damaged; the message names the path and what to do."""
+
+
+class BadItemError(CacheError):
+    """One item's file is damaged, does not match its index record or holds unusable values."""
 
 
 @dataclass(frozen=True)
@@ -145,12 +166,85 @@ def shard_of_key(key: str, num_shards: int) -> int:
     return int(key[:8], 16) % num_shards
 
 
+def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (names sorted): what the item file must hold."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{list(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def value_problem(tensors: dict[str, torch.Tensor]) -> str | None:
+    """Why these tensors must not be trained (non-finite or saturated values), or None when they are fine."""
+    for name in sorted(tensors):
+        t = tensors[name]
+        if not t.is_floating_point() or not t.numel():
+            continue
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            return f"{name} has {int((~finite).sum())} non-finite values (NaN/inf)"
+        peak = float(t.abs().max())
+        if peak >= MAX_ABS_VALUE:
+            return f"{name} has values of {peak:g} (at or beyond fp16's limit {MAX_ABS_VALUE:g}: an overflow)"
+    return None
+
+
 def write_item_file(root: Path, record: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Write one item's tensors with its record in the header (atomically)."""
+    """Write one item's tensors with its record in the header (atomically). Refuses unusable values (naming the
+    item) and adds the tensors' checksum to `record` (the same dict goes into the index)."""
     missing = [n for n in ITEM_TENSORS if n not in tensors]
     if missing:
         raise ValueError(f"item {record.get('image_relpath')}: missing tensors {missing}")
+    problem = value_problem(tensors)
+    if problem:
+        raise BadItemError(f"{record.get('image_relpath')}: {problem}; not cached")
+    record["format_version"] = CACHE_FORMAT_VERSION
+    record["tensor_sha256"] = tensor_checksum(tensors)
     atomic_save_safetensors(root / record["tensor_file"], tensors, {_RECORD_KEY: json.dumps(record)})
+
+
+def check_item_tensors(record: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Raise BadItemError naming the item when the tensors are not those its record was written with, lack a
+    required tensor, do not fit its bucket or hold unusable values."""
+    name = f"{record.get('image_relpath')} ({path})"
+    missing = [n for n in ITEM_TENSORS if n not in tensors]
+    if missing:
+        raise BadItemError(f"{name}: missing tensors {missing}")
+    expected = record.get("tensor_sha256")
+    if not expected or tensor_checksum(tensors) != expected:
+        raise BadItemError(f"{name}: the tensors fail their checksum (damaged, or not the file the index lists)")
+    bw, bh = record["bucket_wh"]
+    if tuple(tensors["latent_mean"].shape[1:]) != (bh // 8, bw // 8):
+        raise BadItemError(f"{name}: tensors do not match the item's bucket {bw}x{bh}")
+    mask = tensors.get("loss_mask")
+    if mask is not None and tuple(mask.shape) != (1, bh // 8, bw // 8):
+        raise BadItemError(f"{name}: loss_mask does not match the item's bucket {bw}x{bh}")
+    rows = tensors["prompt_embeds"].shape[0]
+    if rows == 0 or rows % TEXT_CHUNK_ROWS:
+        raise BadItemError(f"{name}: prompt_embeds has {rows} rows, not whole 77-token chunks")
+    problem = value_problem(tensors)
+    if problem:
+        raise BadItemError(f"{name}: {problem}")
+
+
+def short(exc: BaseException, limit: int = 160) -> str:
+    """An exception's message cut to one short line (a damaged safetensors header can be megabytes)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def writing_mark(root: Path, shard_index: int, num_shards: int) -> Path:
+    return Path(root) / INDEX_DIR / (index_part_name(shard_index, num_shards) + WRITING_SUFFIX)
+
+
+def mark_writing(root: Path, shard_index: int, num_shards: int) -> None:
+    """Say, before the first item file of a run changes, that this index part is being rewritten."""
+    mark = writing_mark(root, shard_index, num_shards)
+    if not mark.exists():
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(mark, b"a caching run is writing this part; the index does not match the items yet\n")
 
 
 def read_item_record(path: Path) -> dict | None:
@@ -163,6 +257,22 @@ def read_item_record(path: Path) -> dict | None:
         return json.loads(meta[_RECORD_KEY])
     except Exception:  # noqa: BLE001 - a damaged file is simply recomputed
         return None
+
+
+def verify_item_file(path: Path) -> str | None:
+    """Why the item file at `path` fails its own record's checksum or value check (None when it passes)."""
+    record = read_item_record(path)
+    if record is None:
+        return "unreadable item file or header"
+    try:
+        from safetensors.torch import load_file
+
+        check_item_tensors(record, load_file(str(path)), path)
+    except BadItemError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001
+        return f"unreadable ({short(exc)})"
+    return None
 
 
 def read_meta(root: Path) -> dict:
@@ -200,9 +310,10 @@ def write_index_part(root: Path, shard_index: int, num_shards: int, fingerprint:
     lines += [json.dumps(r, ensure_ascii=False) for r in sorted(records, key=lambda r: r["key"])]
     index_dir = Path(root) / INDEX_DIR
     _atomic_write_bytes(index_dir / index_part_name(shard_index, num_shards), ("\n".join(lines) + "\n").encode())
-    for old in index_dir.glob("shard-*-of-*.jsonl"):
-        if not old.name.endswith(f"-of-{num_shards:05d}.jsonl"):
+    for old in index_dir.glob("shard-*-of-*.jsonl*"):
+        if f"-of-{num_shards:05d}.jsonl" not in old.name:
             old.unlink(missing_ok=True)
+    writing_mark(root, shard_index, num_shards).unlink(missing_ok=True)
 
 
 def _read_index_part(path: Path) -> tuple[dict, list[dict]]:

@@ -14,15 +14,18 @@ from sdxl_trainer.data.cache_format import (
     EMPTY_FILE,
     EMPTY_TENSORS,
     INDEX_DIR,
-    ITEM_TENSORS,
     META_FILE,
+    ITEM_TENSORS,
     OPTIONAL_ITEM_TENSORS,
-    TEXT_CHUNK_ROWS,
+    WRITING_SUFFIX,
+    BadItemError,
     CacheError,
     CacheItem,
     _read_index_part,
+    check_item_tensors,
     fingerprint_parts,
     read_meta,
+    short,
 )
 
 
@@ -34,9 +37,19 @@ class DatasetCache:
         meta = read_meta(self.root)
         self.name: str = meta["name"]
         self.fingerprint: dict = meta["fingerprint"]
-        self.items: list[CacheItem] = [CacheItem.from_record(r) for r in self._read_index(meta)]
+        records = self._read_index(meta)
+        self.items: list[CacheItem] = [CacheItem.from_record(r) for r in records]
+        # What each item file must hold, as the index (not the file) says: a file rewritten by a later,
+        # unfinished caching run fails this check instead of being read with the old captions and time ids.
+        self.records: dict[str, dict] = {r["key"]: r for r in records}
 
     def _read_index(self, meta: dict) -> list[dict]:
+        writing = sorted((self.root / INDEX_DIR).glob(f"*{WRITING_SUFFIX}"))
+        if writing:
+            raise CacheError(
+                f"{self.root}: a caching run was interrupted while rewriting it ({writing[0].name}), so its index no "
+                "longer matches the item files; re-run sdxl_process_data_dir.py with the same flags to complete it"
+            )
         parts = sorted((self.root / INDEX_DIR).glob("shard-*-of-*.jsonl"))
         if not parts:
             raise CacheError(f"{self.root}: no index; the caching run did not finish: re-run sdxl_process_data_dir.py")
@@ -71,24 +84,17 @@ class DatasetCache:
         of k CLIP chunks (k = 1 unless cached with --max_token_length 154/231), pooled_prompt_embeds (D_pool,),
         and loss_mask (1, H/8, W/8) when the item has a mask. Latents are already multiplied by the VAE's
         scaling factor, so a training latent is latent_mean + latent_std * randn (a fresh posterior sample each
-        time). Stored in the caching run's --cache_dtype (float16 by default): cast as needed."""
+        time). Stored in the caching run's --cache_dtype (float16 by default): cast as needed. Every read checks
+        the index's checksum and the values (bench/bench_cache_checks.py: a small fraction of a step) and raises
+        BadItemError naming the item when they fail."""
         path = self.root / item.tensor_file
         try:
             tensors = load_file(str(path), device="cpu")
         except FileNotFoundError:
-            raise CacheError(f"{path}: missing item file ({item.image_relpath}); re-run caching") from None
-        except Exception as exc:  # noqa: BLE001
-            raise CacheError(f"{path}: damaged item file ({exc}); re-run caching") from exc
-        bw, bh = item.bucket_wh
-        mean = tensors.get("latent_mean")
-        if any(n not in tensors for n in ITEM_TENSORS) or mean is None or tuple(mean.shape[1:]) != (bh // 8, bw // 8):
-            raise CacheError(f"{path}: tensors do not match the item's bucket {bw}x{bh}; re-run caching")
-        mask = tensors.get("loss_mask")
-        if mask is not None and tuple(mask.shape) != (1, bh // 8, bw // 8):
-            raise CacheError(f"{path}: loss_mask does not match the item's bucket {bw}x{bh}; re-run caching")
-        rows = tensors["prompt_embeds"].shape[0]
-        if rows == 0 or rows % TEXT_CHUNK_ROWS:
-            raise CacheError(f"{path}: prompt_embeds has {rows} rows, not whole 77-token chunks; re-run caching")
+            raise BadItemError(f"{item.image_relpath} ({path}): missing item file") from None
+        except Exception as exc:  # noqa: BLE001 - a damaged header can make safetensors print megabytes
+            raise BadItemError(f"{item.image_relpath} ({path}): damaged item file ({short(exc)})") from None
+        check_item_tensors(self.records[item.key], tensors, path)
         return {n: tensors[n] for n in (*ITEM_TENSORS, *OPTIONAL_ITEM_TENSORS) if n in tensors}
 
     def load_empty_embeddings(self) -> dict[str, torch.Tensor]:

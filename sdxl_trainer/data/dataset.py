@@ -9,6 +9,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import logging
 import signal
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,8 @@ from sdxl_trainer.data import cache_format, cache_reader
 from sdxl_trainer.data.sampler import VALIDATION_EPOCH, DataError, Entry, mix_seed
 from sdxl_trainer.training import noise as noise_options
 from sdxl_trainer.training import objective, timesteps
+
+logger = logging.getLogger("sdxl_trainer")
 
 
 def resolve_cache_paths(dirs: Sequence[str], lists: Sequence[str]) -> list[Path]:
@@ -56,20 +59,15 @@ def check_cache_settings(caches: Sequence[cache_reader.DatasetCache], expected: 
 
 
 def verify_items(cache: cache_reader.DatasetCache) -> tuple[list[cache_format.CacheItem], list[str]]:
-    """Open every item file (header and tensor names); return the good items and one line per bad one."""
-    from safetensors import safe_open
-
+    """Read every item file now (checksum and values, as training would); return the good items and one line per
+    bad one, so a damaged item is left out of the plan instead of being skipped every epoch."""
     good, bad = [], []
     for item in cache.items:
-        path = cache.root / item.tensor_file
         try:
-            with safe_open(str(path), framework="pt") as f:
-                missing = [n for n in cache_format.ITEM_TENSORS if n not in f.keys()]
-            if missing:
-                raise ValueError(f"missing tensors {missing}")
+            cache.load_item_tensors(item)
             good.append(item)
-        except Exception as exc:  # noqa: BLE001 - reported and left out, never a crash of the run
-            bad.append(f"{path}: {exc}")
+        except cache_format.BadItemError as exc:  # reported and left out, never a crash of the run
+            bad.append(str(exc))
     return good, bad
 
 
@@ -97,7 +95,9 @@ def load_entries(
 class CachedLatentDataset(Dataset):
     """Reads one item from the cache on CPU (safe in DataLoader workers) and draws its randomness.
 
-    Indexed by (entry index, permutation epoch, weight); returns fp32 tensors and int64 time ids.
+    Indexed by (entry index, permutation epoch, weight); returns fp32 tensors, int64 time ids and the loss weight
+    `sample_weights` (0.0 for padding). An item whose file fails its checks (`cache_reader`) is never a crash: it
+    comes back as a placeholder of the right shape with weight 0 and `bad` set, and is named in the log once.
     """
 
     def __init__(
@@ -120,6 +120,21 @@ class CachedLatentDataset(Dataset):
         self.empty = [c.load_empty_embeddings() for c in self.caches]
         self.timesteps = timesteps.TimestepSampler(timestep_options or timesteps.TimestepOptions(), num_train_timesteps)
         self.noise_options = noise or noise_options.NoiseOptions()
+        self.reported: set[int] = set()  # bad items already named by this process
+
+    def _load(self, entry: Entry, index: int) -> tuple[dict[str, torch.Tensor], bool]:
+        """The item's tensors, or a zero placeholder (and True) when its file is damaged or unusable."""
+        try:
+            return self.caches[entry.cache_index].load_item_tensors(entry.item), False
+        except cache_format.BadItemError as exc:
+            if index not in self.reported:
+                self.reported.add(index)
+                logger.warning(f"cache item skipped (not trained, counted): {exc}; repair it with "
+                               "sdxl_process_data_dir.py --verify_hashes")  # fmt: skip
+            w, h = entry.item.bucket_wh
+            empty = self.empty[entry.cache_index]
+            latent = torch.zeros(4, h // 8, w // 8)
+            return {"latent_mean": latent, "latent_std": latent, **empty}, True
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -127,7 +142,7 @@ class CachedLatentDataset(Dataset):
     def __getitem__(self, key: tuple[int, int, float]) -> dict[str, torch.Tensor]:
         index, perm_epoch, weight = key
         entry = self.entries[index]
-        tensors = self.caches[entry.cache_index].load_item_tensors(entry.item)
+        tensors, bad = self._load(entry, index)
         g = torch.Generator().manual_seed(mix_seed(self.seed, "sample", entry.uid, perm_epoch))
         # Fixed draw order: dropout, posterior sample, noise, timestep, then the noise options' draws (none when
         # they are off, so that turning no option on leaves the stream as it was).
@@ -151,9 +166,10 @@ class CachedLatentDataset(Dataset):
             "original_size_hw": torch.tensor(it.original_size_hw, dtype=torch.int64),
             "crop_top_left": torch.tensor(it.crop_top_left, dtype=torch.int64),
             "target_size_hw": torch.tensor(it.target_size_hw, dtype=torch.int64),
-            "weight": torch.tensor(float(weight)),
+            "sample_weights": torch.tensor(0.0 if bad else float(weight)),
             "index": torch.tensor(index, dtype=torch.int64),
             "dropped": torch.tensor(drop),
+            "bad": torch.tensor(bad),
         }
 
 

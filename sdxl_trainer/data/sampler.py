@@ -4,7 +4,9 @@ remainders, and the sampler state a checkpoint stores. Pure functions.
 Every rank builds the same plan from the same sorted items and the same seed, so ranks never disagree about
 the data (B5) and never wait for a batch another rank does not have: a plan is a list of GLOBAL batches of
 `train_batch_size * world_size` items from one bucket, and rank r takes slice r of each. A bucket's
-remainder smaller than a global batch is carried into the next epoch exactly once (B6, B7)."""
+remainder smaller than a global batch is carried into the next epoch exactly once (B6, B7). Every item is
+trained every epoch: a bucket smaller than a global batch forms one batch padded with repeats of its items
+whose loss weight is 0, and the last epoch of a run trains the remainders in padded batches too."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from sdxl_trainer.data import cache_format
 
 VALIDATION_EPOCH = -1  # the "permutation epoch" of validation samples: fixed noise for every evaluation
+PADDING_EPOCH = -2  # the "permutation epoch" of a padding sample: a repeat with loss weight 0
 
 
 class DataError(RuntimeError):
@@ -34,7 +37,17 @@ class Entry:
         return self.item.bucket_wh
 
 
-Sample = tuple[int, int]  # (entry index, epoch whose permutation it belongs to)
+Sample = tuple[int, int]  # (entry index, epoch whose permutation it belongs to, or PADDING_EPOCH)
+
+
+def sample_weight(sample: Sample) -> float:
+    """Loss weight of a planned sample: 1 for a real one, 0 for padding."""
+    return 0.0 if sample[1] == PADDING_EPOCH else 1.0
+
+
+def pad_batch(samples: Sequence[Sample], global_batch: int) -> list[Sample]:
+    """`samples` (one bucket, fewer than a global batch) filled up with weight-0 repeats of their items."""
+    return list(samples) + [(samples[j % len(samples)][0], PADDING_EPOCH) for j in range(global_batch - len(samples))]
 
 
 def mix_seed(*parts: object) -> int:
@@ -78,17 +91,20 @@ def plan_epoch(
     accumulation_steps: int,
     seed: int,
     epoch: int,
+    last: bool = False,
 ) -> EpochPlan:
     """Global batches of one epoch.
 
     Per bucket: the items carried from the previous epoch come first, then a seeded permutation of all
     the bucket's items. Carried items are kept out of the first batch's permutation part, so no batch ever
-    holds an item twice; this needs every bucket to have >= global_batch items (see `trainable_entries`).
-    Each item of this epoch's permutation is used exactly once: in a batch now, or as a leftover at the
-    start of the next epoch. The batches of all buckets are shuffled together, after the batches deferred
-    from the previous epoch; whatever does not fill a whole optimizer step (fewer than `accumulation_steps`
-    batches) is deferred to the next epoch, so an epoch is always a whole number of optimizer steps and
-    epoch boundaries (evaluation, saving) fall between optimizer steps.
+    holds an item twice. Each item of this epoch's permutation is used exactly once: in a batch now, or as a
+    leftover at the start of the next epoch. A bucket smaller than a global batch is one batch padded with
+    weight-0 repeats (`pad_batch`), every epoch. The batches of all buckets are shuffled together, after the
+    batches deferred from the previous epoch; whatever does not fill a whole optimizer step (fewer than
+    `accumulation_steps` batches) is deferred to the next epoch, so an epoch is always a whole number of
+    optimizer steps and epoch boundaries (evaluation, saving) fall between optimizer steps. On the `last` epoch
+    of a run nothing is carried: the leftovers form padded batches and the last optimizer step is completed
+    with all-padding batches, so every item of the run is trained.
     """
     by_bucket = group_by_bucket(buckets)
     carried_by_bucket: dict[tuple[int, int], list[Sample]] = defaultdict(list)
@@ -97,10 +113,11 @@ def plan_epoch(
     batches: list[list[Sample]] = []
     leftovers: list[Sample] = []
     for bucket, members in by_bucket.items():
-        if len(members) < global_batch:
-            raise DataError(f"bucket {bucket} has {len(members)} items, fewer than a global batch ({global_batch})")
         perm = list(members)
         random.Random(mix_seed(seed, "permutation", epoch, bucket)).shuffle(perm)
+        if len(members) < global_batch:
+            batches.append(pad_batch([(i, epoch) for i in perm], global_batch))
+            continue
         head_carried = carried_by_bucket.get(bucket, [])
         if head_carried:
             taken = {s[0] for s in head_carried}
@@ -114,43 +131,53 @@ def plan_epoch(
         leftovers += pool[full:]
     random.Random(mix_seed(seed, "batch-order", epoch)).shuffle(batches)
     batches = [list(b) for b in deferred] + batches
+    if last:
+        by_leftover_bucket = group_by_bucket([buckets[s[0]] for s in leftovers])
+        batches += [pad_batch([leftovers[k] for k in ks], global_batch) for ks in by_leftover_bucket.values()]
+        filler = [(i, PADDING_EPOCH) for i, _ in batches[-1]] if batches else []
+        batches += [list(filler) for _ in range(-len(batches) % accumulation_steps)]
+        return EpochPlan(batches, [], [])
     trained = len(batches) // accumulation_steps * accumulation_steps
     return EpochPlan(batches[:trained], leftovers, batches[trained:])
 
 
 def epoch_step_counts(
-    bucket_sizes: Sequence[int], global_batch: int, accumulation_steps: int, num_epochs: int
+    bucket_sizes: Sequence[int], global_batch: int, accumulation_steps: int, num_epochs: int, last_flush: bool = False
 ) -> list[int]:
     """Optimizer steps in each epoch, from counts alone (no permutations): per bucket, carried + size items
-    form (carried + size) // global_batch batches and leave the remainder; batches that do not fill an
-    optimizer step are deferred to the next epoch. Matches `plan_epoch` exactly."""
+    form (carried + size) // global_batch batches and leave the remainder (a bucket smaller than a global batch:
+    one padded batch); batches that do not fill an optimizer step are deferred to the next epoch; with
+    `last_flush` the final epoch trains the remainders and completes its last step. Matches `plan_epoch`."""
     carried = [0] * len(bucket_sizes)
     deferred = 0
     steps = []
-    for _ in range(num_epochs):
+    for epoch in range(num_epochs):
         batches = deferred
         for i, n in enumerate(bucket_sizes):
+            if n < global_batch:
+                batches += 1
+                continue
             pool = carried[i] + n
             batches += pool // global_batch
             carried[i] = pool % global_batch
+        if last_flush and epoch == num_epochs - 1:
+            batches += sum(1 for c in carried if c)
+            steps.append(-(-batches // accumulation_steps))
+            break
         steps.append(batches // accumulation_steps)
         deferred = batches % accumulation_steps
     return steps
 
 
-def trainable_entries(entries: Sequence[Entry], global_batch: int) -> tuple[list[Entry], list[str]]:
-    """Drop (and report) the items of buckets smaller than a global batch: such a bucket can never fill a
-    batch without repeating an item."""
+def padded_bucket_notes(entries: Sequence[Entry], global_batch: int) -> list[str]:
+    """One line per bucket smaller than a global batch: trained every epoch in a padded batch."""
     by_bucket = group_by_bucket([e.bucket_wh for e in entries])
-    keep, notes = [], []
-    small = {b for b, m in by_bucket.items() if len(m) < global_batch}
-    for b in sorted(small):
-        notes.append(
-            f"bucket {b[0]}x{b[1]}: {len(by_bucket[b])} items < global batch {global_batch} "
-            "(--train_batch_size x processes); not trained"
-        )
-    keep = [e for e in entries if e.bucket_wh not in small]
-    return keep, notes
+    return [
+        f"bucket {b[0]}x{b[1]}: {len(m)} items < global batch {global_batch} (--train_batch_size x processes): "
+        f"trained every epoch in a batch padded with {global_batch - len(m)} weight-0 repeats"
+        for b, m in by_bucket.items()
+        if len(m) < global_batch
+    ]
 
 
 def validation_batches(buckets: Sequence[tuple[int, int]], global_batch: int) -> list[list[tuple[int, float]]]:

@@ -14,6 +14,9 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from sdxl_trainer.arg_types import HelpFormatter
+from sdxl_trainer.atomic_files import give_umask_mode
+
 DEFAULT_OUTPUT = "metrics.json"
 
 
@@ -26,9 +29,7 @@ def _directions_epilog() -> str:
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=description, epilog=_directions_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=description, epilog=_directions_epilog(), formatter_class=HelpFormatter)
     p.add_argument("--generated", required=True, type=Path, help="folder of generated images (searched recursively)")
     p.add_argument("--reference", type=Path, default=None, help="folder of reference images (FID, KID, LPIPS)")
     p.add_argument("--captions", type=Path, default=None, help="folder of <name>.txt captions for HPS (default: "
@@ -224,6 +225,7 @@ def write_json_atomic(payload: dict, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=1)
+    give_umask_mode(tmp)  # readable by others as the umask allows (mkstemp makes 0600)
     os.replace(tmp, path)
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from sdxl_trainer.atomic_files import give_umask_mode
+
 DEFAULT_SAMPLE_PROMPTS_FILE = Path(__file__).with_name("sample_prompts.txt")
 _ROW_PATTERN = re.compile(r"^epoch_(\d{5,})\.png$")
 
@@ -185,6 +187,7 @@ def _save_png_atomic(image: Image.Image, path: Path) -> None:
     os.close(fd)
     try:
         image.save(tmp, format="PNG")
+        give_umask_mode(tmp)  # readable by others as the umask allows (mkstemp makes 0600)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from sdxl_trainer.atomic_files import give_umask_mode
 from sdxl_trainer.models.single_file_keys import PIPELINE_PARTS, ConversionError, convert_pipeline_state_dicts
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -129,6 +130,11 @@ def save_single_file(
     if out_path.exists() and not overwrite:
         raise ConversionError(f"--checkpoint_path: {out_path} exists; pass --overwrite to replace it")
     check_sdxl_pipeline_dir(pipeline_dir)
+    if out_path.resolve().is_relative_to(pipeline_dir.resolve()):
+        raise ConversionError(
+            f"--checkpoint_path: {out_path} is inside --model_path {pipeline_dir}; the converter never writes into "
+            "or over its input: choose a path outside that folder"
+        )
     parts = {part: load_part_state_dict(pipeline_dir / part, torch_dtype) for part in PIPELINE_PARTS}
     sd = convert_pipeline_state_dicts(**parts)
     del parts
@@ -137,6 +143,7 @@ def save_single_file(
     os.close(fd)
     try:
         save_file(sd, tmp_name, metadata=single_file_metadata(pipeline_dir, dtype_name))
+        give_umask_mode(tmp_name)  # mkstemp makes 0600
         os.replace(tmp_name, out_path)
     finally:
         if os.path.exists(tmp_name):

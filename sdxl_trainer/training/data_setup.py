@@ -58,7 +58,7 @@ def plan_lengths(args: argparse.Namespace, training: list[Entry], global_batch: 
         if sum(per_epoch) == 0:
             raise DataSetupError("--gradient_accumulation_steps: the data never forms a full optimizer step")
         return lr_schedule.total_optimizer_steps(per_epoch, args.max_train_steps), None, per_epoch
-    per_epoch = sampler.epoch_step_counts(sizes, global_batch, acc, args.num_train_epochs)
+    per_epoch = sampler.epoch_step_counts(sizes, global_batch, acc, args.num_train_epochs, last_flush=True)
     total = lr_schedule.total_optimizer_steps(per_epoch)
     if total == 0:
         raise DataSetupError(
@@ -83,14 +83,11 @@ def build_training_data(
 
     global_batch = args.train_batch_size * info.world_size
     validation = [e for e in entries if e.uid in held]
-    training, notes = sampler.trainable_entries([e for e in entries if e.uid not in held], global_batch)
-    for line in notes:
-        logger.warning(line)
+    training = [e for e in entries if e.uid not in held]
+    for line in sampler.padded_bucket_notes(training, global_batch):
+        logger.info(line)
     if not training:
-        raise DataSetupError(
-            f"--train_batch_size {args.train_batch_size} x {info.world_size} processes: no bucket has enough items "
-            "for one global batch; lower --train_batch_size or add data"
-        )
+        raise DataSetupError("--validation_loss_percent/--validation_image_percent: every item is held out")
     total, num_epochs, per_epoch = plan_lengths(args, training, global_batch)
     masked = getattr(args, "masked_loss", False)
     try:

@@ -107,6 +107,12 @@ def _after_step(tr: Trainer, result: dict, epoch: int) -> bool:
         p.nonfinite_in_a_row += 1
         tr.log.scalar(TAG_SKIPPED, p.skipped_steps, p.step)
         logger.warning(f"step {p.step}: non-finite loss {result['loss']} or gradient norm; the update was skipped")
+    if result.get("bad_items"):
+        p.bad_items += result["bad_items"]
+        logger.warning(
+            f"step {p.step}: {result['bad_items']} damaged cache items skipped ({p.bad_items} so far; named above); "
+            "repair them with sdxl_process_data_dir.py --verify_hashes"
+        )
     tr.log.step(
         p.step, result["loss"], result["lr"], result["grad_norm"], rate, epoch=epoch, finite=result["finite"],
         loss_scale=result["loss_scale"], memory_gib=result["memory_gib"],
@@ -133,11 +139,16 @@ def _after_step(tr: Trainer, result: dict, epoch: int) -> bool:
 def _run_epoch(tr: Trainer) -> bool:
     """Train the current epoch from the sampler's position. Returns False when training must stop."""
     a, s, info = tr.args, tr.sampler, tr.info
+    last = tr.data.num_epochs is not None and s.epoch == tr.data.num_epochs  # remainders are trained, not carried
     plan = sampler.plan_epoch(
         [e.bucket_wh for e in tr.data.training], s.carried_in, s.deferred_in, tr.data.global_batch,
-        a.gradient_accumulation_steps, a.set_seed, s.epoch,
+        a.gradient_accumulation_steps, a.set_seed, s.epoch, last,
     )  # fmt: skip
-    mine = [[(i, e, 1.0) for i, e in sampler.rank_slice(gb, info.rank, a.train_batch_size)] for gb in plan.batches]
+    weights = [sum(sampler.sample_weight(x) for x in gb) for gb in plan.batches]  # real samples per global batch
+    mine = [
+        [(i, e, sampler.sample_weight((i, e))) for i, e in sampler.rank_slice(gb, info.rank, a.train_batch_size)]
+        for gb in plan.batches
+    ]
     loader = dataset.make_loader(
         tr.data.dataset, mine[s.position :], a.dataloader_num_workers, info.device.type == "cuda"
     )
@@ -151,12 +162,13 @@ def _run_epoch(tr: Trainer) -> bool:
         pending.append(batch)
         if len(pending) < a.gradient_accumulation_steps:
             continue
-        result = train_step(tr, pending)
+        weight_total = sum(weights[s.position : s.position + a.gradient_accumulation_steps])
+        result = train_step(tr, pending, weight_total)
         pending = []
         s.position += a.gradient_accumulation_steps
         tr.progress.step += 1
         tr.steps_this_launch += 1
-        tr.progress.images_seen += tr.data.global_batch * a.gradient_accumulation_steps
+        tr.progress.images_seen += int(weight_total)
         if s.position == len(plan.batches):  # the epoch's last step: the data position moves on before any save
             tr.sampler = next_epoch
         if not _after_step(tr, result, s.epoch):
@@ -215,6 +227,7 @@ def summarize(tr: Trainer, completed: bool) -> dict:
         "epochs_finished": tr.sampler.epoch - 1,
         "images_seen": p.images_seen,
         "skipped_steps": p.skipped_steps,
+        "bad_items_skipped": p.bad_items,
         "average_images_per_second": tr.throughput.average,
         "wall_seconds": time.monotonic() - tr.start_time,
         "best_validation_loss": p.best_validation_loss,

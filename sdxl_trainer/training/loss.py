@@ -116,9 +116,19 @@ def per_sample_loss(
     return per_sample
 
 
-def reduce_loss(per_sample: torch.Tensor, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The micro-batch's loss: the mean of the per-sample losses, weighted when some items count less (padding)."""
+def reduce_loss(
+    per_sample: torch.Tensor, sample_weights: torch.Tensor | None = None, weight_total: float | None = None
+) -> torch.Tensor:
+    """The one reduction of per-sample losses.
+
+    With `weight_total` (the training step): this micro-batch's share of the optimizer step's weighted mean,
+    sum_i w_i * loss_i / weight_total, where `weight_total` is the sum of the weights of the whole step (every
+    micro-batch of every rank), known ahead from the epoch plan. The shares of all micro-batches and ranks add up
+    to the weighted mean, and padding (w = 0) changes neither value nor gradient; the caller multiplies by the
+    number of ranks because FSDP averages gradients over ranks. Without it: the micro-batch's own (weighted) mean."""
     if sample_weights is None:
         return per_sample.mean()
-    w = sample_weights.float()
+    w = sample_weights.to(per_sample.dtype)
+    if weight_total is not None:
+        return (per_sample * w).sum() / max(float(weight_total), 1e-12)
     return (per_sample * w).sum() / w.sum().clamp_min(1e-12)

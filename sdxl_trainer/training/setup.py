@@ -214,7 +214,9 @@ def _build(args: argparse.Namespace, info: DistInfo, run_dir: Path, folder: dict
     log = RunLogger(info.is_main_process, run_dir, tb_dir, td.total_steps, progress.step, folder["run_id"])
     if info.is_main_process:
         write_json(run_dir / "config.json", config)
-        (run_dir / "validation_items.txt").write_text("".join(f"{e.uid}\n" for e in td.validation), encoding="utf-8")
+        # One held-out item per line: its dataset cache and image path (relative to the data folder it was cached from)
+        held = "".join(f"{td.dataset.caches[e.cache_index].name}/{e.item.image_relpath}\n" for e in td.validation)
+        (run_dir / "validation_items.txt").write_text(held, encoding="utf-8")
     evaluator = validation.build_evaluator(args, run_dir, info, td.training, td.validation, log.tb)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _request_stop)
@@ -222,7 +224,7 @@ def _build(args: argparse.Namespace, info: DistInfo, run_dir: Path, folder: dict
         f"{info.world_size} processes on {info.num_nodes} node(s), --sharding {args.sharding} {shards}, compute "
         f"{args.mixed_precision}, --fp8 {args.fp8} {fp8_plan.report}, --compile {args.compile} "
         f"({compiled_modules} modules compiled); "
-        f"{len(td.training)} training items, {len(td.validation)} held out; global batch {td.global_batch} x "
+        f"{len(td.training)} items trained per epoch, {len(td.validation)} held out; global batch {td.global_batch} x "
         f"accumulation {args.gradient_accumulation_steps} = {config['effective_batch']} images per optimizer step; "
         f"{td.total_steps} optimizer steps (per epoch: {td.steps_per_epoch[:5]}...); {run_dir}"
     )

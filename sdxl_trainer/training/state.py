@@ -34,7 +34,8 @@ class Progress:
     step: int = 0  # optimizer steps taken (skipped ones included: the LR schedule advances on each)
     skipped_steps: int = 0
     nonfinite_in_a_row: int = 0
-    images_seen: int = 0
+    images_seen: int = 0  # real samples trained (padding not counted)
+    bad_items: int = 0  # damaged cache items met and skipped (each time they were met)
     evaluated_epoch: int = -1  # the last epoch whose evaluation ran
     finished_epoch: int = 0  # the last epoch whose end-of-epoch work (epoch loss, saving) ran
     epoch_losses: list[float] = field(default_factory=list)  # this epoch's per-step losses

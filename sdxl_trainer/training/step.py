@@ -22,16 +22,24 @@ from sdxl_trainer.training.run_log import (
 from sdxl_trainer.training.state import _STOP_SIGNAL, Trainer
 
 
-def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> dict:
+def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]], weight_total: float | None = None) -> dict:
     """One optimizer step over the accumulated micro-batches.
+
+    The loss is the weighted mean over every sample of the step (all micro-batches, all ranks) with the batches'
+    `sample_weights` (0 for padding); `weight_total` is their sum over the whole step, from the epoch plan (None:
+    every sample of every rank weighs 1).
 
     FSDP2 reduce-scatters gradients after every micro-step's backward (no `set_requires_gradient_sync(False)`),
     so only sharded gradients are kept between micro-steps (the original kept unsharded ones, B30); on one
     process (`--sharding none`) `after_backward` adds each micro-step's gradient into the fp32 sum.
     """
-    dev, scaler = tr.info.device, tr.scaler
-    loss_sum = torch.zeros((), device=dev)
+    dev, scaler, world = tr.info.device, tr.scaler, tr.info.world_size
+    if weight_total is None:
+        weight_total = float(sum(len(b["sample_weights"]) for b in micro_batches) * world)
+    loss_share = torch.zeros((), device=dev)  # this rank's part of the step's weighted mean loss
+    bad_items = 0
     for batch in micro_batches:
+        bad_items += int(batch["bad"].sum()) if "bad" in batch else 0  # still on the host: no device sync
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         prediction, target = objective.predict(tr.unet, tr.noise_scheduler, batch)
         per_sample = loss.per_sample_loss(
@@ -42,9 +50,9 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> dic
             element_weights=batch.get("loss_mask"),
             **tr.loss_options,
         )  # --masked_loss: each latent element weighted by the item's cached mask
-        micro_loss = loss.reduce_loss(per_sample)
-        loss_sum += micro_loss.detach()
-        scaled = micro_loss / len(micro_batches)
+        micro_loss = loss.reduce_loss(per_sample, batch["sample_weights"], weight_total)
+        loss_share += micro_loss.detach()
+        scaled = micro_loss * world  # FSDP averages the ranks' gradients; the shares already sum to the mean
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         tr.optimizer.after_backward()
 
@@ -58,7 +66,8 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> dic
     # named so that a new per-rank figure is one more entry here, read back by name below.
     alloc, peak = memory_gib(dev)
     mine_by_name = {
-        "loss": loss_sum / len(micro_batches),
+        "loss": loss_share,
+        "bad_items": float(bad_items),  # cache items met damaged in this step (trained as weight-0 placeholders)
         "grad_norm": grad_norm.float().to(dev),  # on the CPU with --cpu_offload
         "stop": float(bool(_STOP_SIGNAL)),
         # --checkpointing_minutes: clocks differ per rank, so rank 0's verdict (row 0) decides for all.
@@ -67,7 +76,7 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> dic
         "peak_gib": peak,
     }
     table = _gather_rows(mine_by_name, dev, tr.info.world_size)
-    loss_value = sum(row["loss"] for row in table) / len(table)
+    loss_value = sum(row["loss"] for row in table)
     finite = math.isfinite(loss_value) and math.isfinite(table[0]["grad_norm"])
     lr = tr.optimizer.param_groups[0]["lr"]
 
@@ -94,6 +103,7 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> dic
         "loss_scale": loss_scale,
         "stop": any(row["stop"] > 0 for row in table),
         "checkpoint_due": table[0]["checkpoint_due"] > 0,
+        "bad_items": int(sum(row["bad_items"] for row in table)),
         "memory_gib": [(row["alloc_gib"], row["peak_gib"]) for row in table],
     }
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sdxl_trainer.arg_types import fraction, non_negative_int, positive_int
+from sdxl_trainer.arg_types import HelpFormatter, fraction, non_negative_int, positive_int
 from sdxl_trainer.models import loading
 from sdxl_trainer.training import compiling
 
@@ -82,7 +82,8 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--verify_cached_dataset_hash_values",
         action="store_true",
-        help="open every cached item file before training; unreadable items are reported and left out",
+        help="read and check every cached item file before training (checksum, values); bad items are named and left "
+        "out of the plan (without it they are met, named and skipped during training)",
     )
 
 
@@ -262,7 +263,7 @@ def _add_validation_loss_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     _add_data_args(parser)
     _add_model_args(parser)
     _add_optim_args(parser)

@@ -43,7 +43,7 @@ def validation_loss(tr: Trainer) -> float | None:
     for batch in loader:
         batch = {k: v.to(tr.info.device, non_blocking=True) for k, v in batch.items()}
         prediction, target = objective.predict(tr.unet, tr.noise_scheduler, batch)
-        weights = batch["weight"].double()
+        weights = batch["sample_weights"].double()
         # Plain MSE (the loss options left out, so epochs compare), weighted by the loss mask with --masked_loss.
         mask = batch.get("loss_mask")
         per_sample = loss.per_sample_loss(prediction, target, batch["timesteps"], tr.noise_scheduler,
