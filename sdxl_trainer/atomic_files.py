@@ -33,6 +33,16 @@ def give_umask_mode(path: str | os.PathLike, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
+def give_umask_mode_tree(folder: str | os.PathLike) -> None:
+    """`give_umask_mode` for a folder and everything below it (libraries' save_pretrained write 0600 files too)."""
+    give_umask_mode(folder, directory=True)
+    for parent, dirnames, filenames in os.walk(folder):
+        for name in dirnames:
+            give_umask_mode(os.path.join(parent, name), directory=True)
+        for name in filenames:
+            give_umask_mode(os.path.join(parent, name))
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

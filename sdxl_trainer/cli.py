@@ -27,7 +27,7 @@ KNOWN_NOISE = (
     ("transformers.tokenization_utils_base", r"Token indices sequence length is longer than the specified maximum"),
     ("", r"`torch_dtype` is deprecated"),
 )
-OTHER_RANK_DELAY_SECONDS = 2.0
+OTHER_RANK_DELAY_SECONDS = 10.0  # long enough for the launcher to end this rank when rank 0 failed too
 
 
 class _DropKnownNoise(logging.Filter):

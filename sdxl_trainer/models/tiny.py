@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from sdxl_trainer.atomic_files import give_umask_mode
+from sdxl_trainer.atomic_files import give_umask_mode_tree
 
 # Number of real CLIP BPE merges kept in the tiny tokenizer: enough that ordinary English words are a
 # few tokens (so "longer than 77 tokens" means a long caption, as with SDXL), small enough to stay tiny.
@@ -168,7 +168,7 @@ def save_tiny_sdxl_pipeline(output_dir: str | os.PathLike, seed: int = 0) -> Pat
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-sdxl-", dir=output.parent))
     try:
         pipe.save_pretrained(tmp)
-        give_umask_mode(tmp, directory=True)  # mkdtemp makes 0700
+        give_umask_mode_tree(tmp)  # mkdtemp makes 0700, save_pretrained 0600 files
         if output.exists():
             shutil.rmtree(output)
         os.replace(tmp, output)

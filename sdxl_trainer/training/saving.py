@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sdxl_trainer.atomic_files import give_umask_mode
+from sdxl_trainer.atomic_files import give_umask_mode_tree
 from sdxl_trainer.models import loading
 from sdxl_trainer.training import prediction
 
@@ -91,7 +91,7 @@ def save_pipeline(
         (tmp / "trainer_info.json").write_text(
             json.dumps({"base_model": pretrained, "unet_dtype": dtype_name}, indent=1), encoding="utf-8"
         )
-        give_umask_mode(tmp, directory=True)  # mkdtemp makes 0700: unreadable by a server of another user
+        give_umask_mode_tree(tmp)  # mkdtemp makes 0700 and save_pretrained 0600 files: unreadable by others
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
