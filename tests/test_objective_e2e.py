@@ -103,6 +103,9 @@ def test_epsilon_options_train_and_change_the_loss(tiny_model_dir, cache_root, t
     assert max(t for s in seen[:n_plain] for t in s["timesteps"]) >= 200
 
 
-def test_zero_terminal_snr_with_an_epsilon_model_is_refused_naming_the_flag(tiny_model_dir, cache_root, tmp_path):
-    with pytest.raises(Exception, match="--zero_terminal_snr needs a v-prediction"):
-        sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, tmp_path / "r", "--zero_terminal_snr"))
+def test_zero_terminal_snr_with_an_epsilon_model_is_refused_naming_the_flag(
+    tiny_model_dir, cache_root, tmp_path, capsys
+):
+    # The script prints an expected error as one line and exits 1 (sdxl_trainer.cli, issue 16).
+    assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, tmp_path / "r", "--zero_terminal_snr")) == 1
+    assert "error: --zero_terminal_snr needs a v-prediction" in capsys.readouterr().err
