@@ -38,6 +38,9 @@ TRAINER_FLAGS = [
     "--fp8", "--fp8_min_features",
     # issue 17b: masked loss
     "--masked_loss",
+    # issue 14: the memory plan (training/memory_args.py)
+    "--memory_plan", "--gpu_memory_gib", "--master_weights", "--optimizer_step_in_backward",
+    "--no-optimizer_step_in_backward",
 ]  # fmt: skip
 # Issue 15 (checkpoints and resumes you can trust): training/run_args.py.
 TRAINER_FLAGS += ["--checkpointing_minutes", "--overwrite_output_dir"]

@@ -3,7 +3,7 @@ resumable with `--resume_from_checkpoint auto|PATH`.
 
     model/                 the sharded UNet (torch.distributed.checkpoint, safetensors shards; reshardable)
     optimizer/rank<R>.*    each rank's local-shard optimizer state (safetensors + JSON), incl. 8-bit state
-    rng/rank<R>.*          every rank's RNG states (torch CPU/CUDA, python, numpy)
+    rng/rank<R>.*          every rank's RNG states (torch CPU/CUDA, python, numpy, the stochastic rounding's)
     extra/<name>/rank<R>.* further per-rank state objects (`extra=` of save/load_checkpoint: EMA, ...)
     config.json            the resolved flags of the run that wrote it (compared on resume: resume_check.py)
     train_state.json       step, epoch, sampler position and carried items, LR scheduler, grad scaler,
@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from sdxl_trainer.distributed import DistInfo, barrier
 from sdxl_trainer.training import checkpoint_integrity as integrity
+from sdxl_trainer.training import stochastic_rounding
 
 TRAIN_STATE = "train_state.json"
 PREFIX = "step-"
@@ -171,6 +172,7 @@ def rng_state() -> dict:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
+    state["stochastic_rounding"] = stochastic_rounding.generator_states()  # bf16 weights' rounding stream
     return state
 
 
@@ -182,6 +184,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].to(torch.uint8))
+    stochastic_rounding.set_generator_states(state.get("stochastic_rounding") or {})
 
 
 # ------------------------------------------------------------------------------ save / load

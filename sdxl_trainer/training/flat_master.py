@@ -16,6 +16,11 @@ gradient `master_grad` are what the optimizer steps, seen as:
     is stepping its tensors), with the tensors that get 32-bit 8-bit-optimizer state (< 4096 elements, as
     `optim.eight_bit_state` decides on FSDP) in chunks of their own;
   * one view per parameter, in its shape, for Adafactor (it factors the second moment over rows and columns).
+
+bf16 weights (`--master_weights bf16_stochastic`, `bf16_weights=True`): there is no fp32 master; `compute` (bf16)
+is the trained weight and `compute_grad` its gradient (micro-batches accumulate into it in bf16). The inner
+optimizer is then a `tensorwise.TensorwiseOptimizer` that steps each chunk's fp32 copy and rounds it back
+stochastically; chunks are smaller (`BF16_CHUNK_ELEMENTS`) because that fp32 copy exists for one chunk at a time.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 from sdxl_trainer.training.optimizers import eight_bit_state
 
 CHUNK_ELEMENTS = 2**29  # bitsandbytes indexes with 32-bit integers; SDXL's UNet has 2.6e9 elements
+BF16_CHUNK_ELEMENTS = 2**26  # 256 MiB of fp32 (plus its gradient) while a chunk is stepped
 ELEMENTWISE = {"adamw", "adamw8bit", "lion8bit"}
 
 
@@ -46,16 +52,22 @@ class FlatMasterOptimizer:
     views of their compute-dtype copy on `device`.
     """
 
-    def __init__(self, unet: torch.nn.Module, name: str, inner_factory, compute_dtype, device: torch.device):
+    def __init__(self, unet: torch.nn.Module, name: str, inner_factory, compute_dtype, device: torch.device,
+                 bf16_weights: bool = False):  # fmt: skip
+        if bf16_weights and compute_dtype != torch.bfloat16:
+            raise ValueError("bf16 weights compute in bf16 (--mixed_precision bf16)")
         self.name = name
+        self.bf16_weights = bf16_weights
+        self.chunk_elements = BF16_CHUNK_ELEMENTS if bf16_weights else CHUNK_ELEMENTS
         named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
         # Tensors with 32-bit optimizer state last, so that no chunk mixes the two kinds.
         named.sort(key=lambda item: not eight_bit_state(item[1].numel()))
         total = sum(p.numel() for _, p in named)
-        self.master = torch.empty(total, dtype=torch.float32, device=device)
-        self.master_grad = torch.zeros_like(self.master)
         self.compute = torch.empty(total, dtype=compute_dtype or torch.float32, device=device)
         self.compute_grad = torch.zeros_like(self.compute)
+        # bf16 weights: the compute weights are what the optimizer steps (no copy).
+        self.master = self.compute if bf16_weights else torch.empty(total, dtype=torch.float32, device=device)
+        self.master_grad = self.compute_grad if bf16_weights else torch.zeros_like(self.master)
         self.spans: dict[str, tuple[int, int, torch.Size]] = {}
         offset = 0
         for n, p in named:
@@ -65,7 +77,7 @@ class FlatMasterOptimizer:
             p.data = self.compute[offset:end].view(p.shape)
             p.grad = self.compute_grad[offset:end].view(p.shape)
             offset = end
-        self.compute.copy_(self.master)
+        self._refresh_compute()
         self.params = [p for _, p in named]
         if compute_dtype is not None:
             unet.register_forward_pre_hook(
@@ -98,8 +110,8 @@ class FlatMasterOptimizer:
         small = [n for n in sizes if not eight_bit_state(n)]
         boundary = sum(large)  # the 8-bit-state tensors come first (see __init__)
         for region_start, region_end, decide in ((0, boundary, large), (boundary, len(self.master), small)):
-            for start in range(region_start, region_end, CHUNK_ELEMENTS):
-                end = min(start + CHUNK_ELEMENTS, region_end)
+            for start in range(region_start, region_end, self.chunk_elements):
+                end = min(start + self.chunk_elements, region_end)
                 add(start, end, (end - start,), max(decide))
         return tensors, numels
 
@@ -108,22 +120,31 @@ class FlatMasterOptimizer:
         return self.inner.param_groups
 
     def after_backward(self) -> None:
-        """Move this micro-batch's gradient into the fp32 sum (no accumulation in bf16/fp16)."""
-        if self.micro_batches == 0:
+        """Move this micro-batch's gradient into the fp32 sum (no accumulation in bf16/fp16; bf16 weights: autograd
+        has already added it to their bf16 gradient)."""
+        self.micro_batches += 1
+        if self.bf16_weights:
+            return
+        if self.micro_batches == 1:
             self.master_grad.copy_(self.compute_grad)
         else:
             self.master_grad.add_(self.compute_grad)
         self.compute_grad.zero_()
-        self.micro_batches += 1
 
     def bind_grads(self) -> None:
         """Gradients are bound once and for all (views); kept for the interface."""
 
     def step(self, bind: bool = True) -> None:
         self.inner.step()
-        self.compute.copy_(self.master)
+        self._refresh_compute()
+
+    def _refresh_compute(self) -> None:
+        if not self.bf16_weights:
+            self.compute.copy_(self.master)
 
     def zero_grad(self) -> None:
+        if self.bf16_weights:
+            self.compute_grad.zero_()
         self.micro_batches = 0
 
     def state_dict(self) -> dict:
@@ -145,7 +166,7 @@ class FlatMasterOptimizer:
         for n, view in views.items():
             if state[n].data_ptr() != view.data_ptr():
                 view.copy_(state[n])
-        self.compute.copy_(self.master)
+        self._refresh_compute()
 
     def full_model_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The full fp32 weights on the CPU (one process: it is rank 0)."""

@@ -27,9 +27,12 @@ from sdxl_trainer.training import (
     run_lock,
     saving,
     sharding,
+    stochastic_rounding,
+    tensorwise,
     validation,
 )
 from sdxl_trainer.training.flat_master import FlatMasterOptimizer
+from sdxl_trainer.training.gradient_release import GradientReleaseOptimizer
 from sdxl_trainer.training.run_log import (
     RunLogger,
     logger,
@@ -114,7 +117,9 @@ def setup(args: argparse.Namespace) -> Trainer:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     try:  # resolved first: the resume check compares the resolved layout with the checkpoint's
-        args.sharding = sharding.resolve_strategy(args.sharding, info, args.cpu_offload)
+        args.sharding = sharding.resolve_strategy(
+            args.sharding, info, args.cpu_offload, args.optimizer_step_in_backward
+        )
     except sharding.ShardingError as exc:
         raise TrainingError(str(exc)) from exc
     args.compile = compiling.resolve_choice(args.compile, info.device.type, args.sharding)
@@ -131,6 +136,7 @@ def setup(args: argparse.Namespace) -> Trainer:
 def _build(args: argparse.Namespace, info: DistInfo, run_dir: Path, folder: dict) -> Trainer:
     setup_logging(run_dir, info.rank)
     logger.info(f"run id {folder['run_id']} in {run_dir}")
+    logger.info(args.memory_plan_summary)
     for line in folder["notes"]:
         logger.warning(line)
     for flag in getattr(args, "ignored_flags", []):
@@ -158,23 +164,30 @@ def _build(args: argparse.Namespace, info: DistInfo, run_dir: Path, folder: dict
         fp8_plan = fp8.Fp8Plan.for_run(args.fp8, args.fp8_min_features, info.device, args.sharding, args.cpu_offload)
     except fp8.Fp8Error as exc:
         raise TrainingError(str(exc)) from exc
+    bf16_weights = args.master_weights == "bf16_stochastic"
+    inner = optimizers.inner_factory(args)
+    if bf16_weights or args.optimizer_step_in_backward:  # one inner optimizer per tensor (tensorwise.py)
+        # The rounding's own random stream, distinct per rank; the checkpoint's RNG file saves its state.
+        gen = stochastic_rounding.rounding_generator(info.device, mix_seed(args.set_seed, "rounding", info.rank))
+        inner = tensorwise.factory(inner, args.learning_rate, bf16_weights, gen)
     if args.sharding == "none":
         unet = sharding.build_single_process_unet(
             args.pretrained_model_name_or_path, args.gradient_checkpointing, load_base_weights=resume_path is None
         )
         fp8_plan.convert(unet)  # before the flat layout: Float8Linear keeps the same parameter objects
         compute = sharding.COMPUTE_DTYPES[args.mixed_precision]
-        optimizer = FlatMasterOptimizer(unet, args.optimizer, optimizers.inner_factory(args), compute, info.device)
+        optimizer = FlatMasterOptimizer(unet, args.optimizer, inner, compute, info.device, bf16_weights)
         elements = optimizer.master.numel()
         shards = {"parameters": len(optimizer.params), "local_elements": elements, "global_elements": elements}
     else:
         unet = sharding.build_sharded_unet(
             args.pretrained_model_name_or_path, info, mesh, args.sharding, args.mixed_precision,
             args.gradient_checkpointing, load_base_weights=resume_path is None, cpu_offload=args.cpu_offload,
-            convert=fp8_plan.convert,
+            convert=fp8_plan.convert, weights_dtype=torch.bfloat16 if bf16_weights else torch.float32,
         )  # fmt: skip
         shards = sharding.verify_sharding(unet, mesh, args.sharding)  # refuses to train if sharding is not in effect
-        optimizer = optimizers.build_optimizer(args, list(unet.parameters()))
+        kind = GradientReleaseOptimizer if args.optimizer_step_in_backward else optimizers.LocalShardOptimizer
+        optimizer = kind(list(unet.parameters()), args.optimizer, inner)
     # Lazy: each block compiles at its first forward; dynamic spatial sizes let the buckets share graphs.
     compiled_modules = compiling.compile_regions(unet, args.compile, dynamic=True)
     lr_scheduler = lr_schedule.build_lr_scheduler(args, optimizer.inner, td.total_steps)

@@ -11,7 +11,11 @@ Strategies, all expressed as a device mesh plus `reshard_after_forward`:
   no_shard       2-D mesh (world, 1): replicated everywhere, gradients all-reduced (DDP-equivalent)
   hybrid_shard   2-D mesh (nodes, GPUs per node): sharded inside a machine, replicated across machines
   none           one process, no FSDP: flat bf16 compute weights and flat fp32 master weights (flat_master.py)
-  auto           (default) none on one process, full_shard on several or with --cpu_offload
+  auto           (default) none on one process, full_shard on several, with --cpu_offload or with
+                 --optimizer_step_in_backward (gradient release needs FSDP2's per-parameter gradients)
+
+With --master_weights bf16_stochastic the sharded parameters are bf16 (no fp32 masters): the compute dtype is
+theirs, so FSDP2 casts nothing; gradients are still reduced in fp32, then kept in bf16.
 """
 
 from __future__ import annotations
@@ -30,11 +34,14 @@ class ShardingError(RuntimeError):
     """Sharding was asked for (--sharding) and is not in effect."""
 
 
-def resolve_strategy(strategy: str, info: DistInfo, cpu_offload: bool) -> str:
-    """`auto`: no FSDP on one process (nothing to shard: flat_master.py, measured faster), FULL_SHARD on several
-    or with --cpu_offload (FSDP2's offload is the way a 24 GiB card holds the optimizer)."""
+def resolve_strategy(strategy: str, info: DistInfo, cpu_offload: bool, step_in_backward: bool = False) -> str:
+    """`auto`: no FSDP on one process (nothing to shard: flat_master.py, measured faster), FULL_SHARD on several,
+    with --cpu_offload (FSDP2's offload is the way a 24 GiB card holds the optimizer) or with the optimizer step in
+    backward (it frees each parameter's gradient; the flat layout has one gradient buffer for all)."""
     if strategy == "auto":
-        return "none" if info.world_size == 1 and not cpu_offload else "full_shard"
+        return "none" if info.world_size == 1 and not cpu_offload and not step_in_backward else "full_shard"
+    if strategy == "none" and step_in_backward:
+        raise ShardingError("--optimizer_step_in_backward needs FSDP2: use --sharding full_shard (or auto)")
     if strategy == "none" and info.world_size > 1:
         raise ShardingError(
             f"--sharding none trains in one process; this run has {info.world_size}: use full_shard (or auto)"
@@ -154,9 +161,11 @@ def build_sharded_unet(
     load_base_weights: bool = True,
     cpu_offload: bool = False,
     convert=None,
+    weights_dtype: torch.dtype = torch.float32,
 ) -> torch.nn.Module:
     """The UNet built on the meta device, sharded, then filled with the base weights streamed from rank 0.
     `convert(unet)`, if given, changes module types before sharding (FP8 linear layers, training/fp8.py).
+    `weights_dtype`: the sharded weights' dtype (fp32 masters, or bf16 with --master_weights bf16_stochastic).
 
     No rank but rank 0 ever holds a full fp32 copy in CPU RAM (the original loaded one per rank, B30).
     When resuming, the checkpoint fills the shards instead (`load_base_weights=False`).
@@ -168,7 +177,7 @@ def build_sharded_unet(
 
     config = loading.load_unet_config(pretrained)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
+        unet = UNet2DConditionModel.from_config(config).to(weights_dtype)
     unet.train()
     if convert is not None:
         convert(unet)
@@ -177,7 +186,7 @@ def build_sharded_unet(
     apply_fsdp(unet, mesh, strategy, build_mp_policy(mixed_precision), cpu_offload)
     unet.to_empty(device="cpu" if cpu_offload else info.device)
     if load_base_weights:
-        full = loading.load_unet(pretrained, torch_dtype=torch.float32).state_dict() if info.is_main_process else {}
+        full = loading.load_unet(pretrained, torch_dtype=weights_dtype).state_dict() if info.is_main_process else {}
         set_model_state_dict(unet, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         del full
     return unet

@@ -36,9 +36,12 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]], weight
     dev, scaler, world = tr.info.device, tr.scaler, tr.info.world_size
     if weight_total is None:
         weight_total = float(sum(len(b["sample_weights"]) for b in micro_batches) * world)
+    in_backward = getattr(tr.optimizer, "steps_in_backward", False)  # gradient_release.py: steps inside backward
     loss_share = torch.zeros((), device=dev)  # this rank's part of the step's weighted mean loss
     bad_items = 0
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
+        if in_backward:
+            tr.optimizer.arm(last_micro_batch=i == len(micro_batches) - 1)
         bad_items += int(batch["bad"].sum()) if "bad" in batch else 0  # still on the host: no device sync
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         prediction, target = objective.predict(tr.unet, tr.noise_scheduler, batch)
@@ -56,11 +59,16 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]], weight
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         tr.optimizer.after_backward()
 
-    tr.optimizer.bind_grads()
-    if scaler is not None:
-        scaler.unscale_(tr.optimizer)  # before clipping: norm and clip in true units (B3)
-    max_norm = tr.args.max_grad_norm if tr.args.max_grad_norm > 0 else math.inf
-    grad_norm = optimizers.clip_grad_norm_(tr.optimizer, max_norm, tr.shard_group)  # before the step (B3)
+    if in_backward:  # already stepped; only the norm is left to report (summed over the ranks below)
+        grad_sq = tr.optimizer.take_grad_sq(dev)
+        grad_norm = torch.zeros((), device=dev)
+    else:
+        tr.optimizer.bind_grads()
+        if scaler is not None:
+            scaler.unscale_(tr.optimizer)  # before clipping: norm and clip in true units (B3)
+        max_norm = tr.args.max_grad_norm if tr.args.max_grad_norm > 0 else math.inf
+        grad_norm = optimizers.clip_grad_norm_(tr.optimizer, max_norm, tr.shard_group)  # before the step (B3)
+        grad_sq = torch.zeros((), device=dev)
 
     # The step's one collective and host sync: every rank gets the same loss, norm and stop request. Columns are
     # named so that a new per-rank figure is one more entry here, read back by name below.
@@ -74,8 +82,14 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]], weight
         "checkpoint_due": float(_checkpoint_due(tr)),
         "alloc_gib": alloc,
         "peak_gib": peak,
+        "grad_sq": grad_sq.to(dev),  # step in backward: this rank's sum of squared gradient shards
     }
     table = _gather_rows(mine_by_name, dev, tr.info.world_size)
+    if in_backward:  # every shard group holds the whole gradient once: divide out the replicas
+        replicas = tr.info.world_size // dist.get_world_size(tr.shard_group)
+        released_norm = math.sqrt(sum(row["grad_sq"] for row in table) / replicas)
+        for row in table:
+            row["grad_norm"] = released_norm
     loss_value = sum(row["loss"] for row in table)
     finite = math.isfinite(loss_value) and math.isfinite(table[0]["grad_norm"])
     lr = tr.optimizer.param_groups[0]["lr"]

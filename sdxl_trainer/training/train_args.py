@@ -116,9 +116,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--gradient_checkpointing",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=None,
         help="recompute activations in the backward pass (less memory, about 25%% more compute); "
-        "--no_gradient_checkpointing (or --no-gradient_checkpointing) turns it off",
+        "--no_gradient_checkpointing (or --no-gradient_checkpointing) turns it off (default: from --memory_plan)",
     )
     g.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false",
                    help=argparse.SUPPRESS)  # fmt: skip
@@ -141,7 +141,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_optim_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("optimizer and learning-rate schedule")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw8bit", help="optimizer (all run on local shards)")
+    g.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=None,
+        help="optimizer, run on local shards (default: from --memory_plan; adamw8bit without a GPU)",
+    )
     g.add_argument("--learning_rate", type=float, default=3e-5, help="peak learning rate")
     g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW/Lion beta1")
     g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW/Lion beta2")
@@ -150,8 +155,9 @@ def _add_optim_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max_grad_norm",
         type=float,
-        default=1.0,
-        help="clip the global gradient norm to this before each optimizer step (0 = no clipping, still measured)",
+        default=None,
+        help="clip the global gradient norm to this before each optimizer step (0 = no clipping, still measured; "
+        "default 1.0, 0 with --optimizer_step_in_backward)",
     )
     g.add_argument(
         "--gradient_accumulation_steps", type=positive_int, default=60, help="micro-steps per optimizer step"
@@ -280,9 +286,9 @@ def _flag_modules() -> list:
     `add_args(parser)` and `check_args(args)` (raising ValueError naming the flag). A new group of flags is a new
     module with those two functions, listed here."""
     from sdxl_trainer.evaluation import eval_args
-    from sdxl_trainer.training import fp8_args, masked_loss_args, objective_args, run_args
+    from sdxl_trainer.training import fp8_args, masked_loss_args, memory_args, objective_args, run_args
 
-    return [eval_args, objective_args, fp8_args, run_args, masked_loss_args]
+    return [eval_args, objective_args, fp8_args, run_args, masked_loss_args, memory_args]
 
 
 WEIGHT_DTYPES = {
@@ -320,7 +326,7 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ArgsError(
             f"--polynomial_lr_end {args.polynomial_lr_end} must be below --learning_rate {args.learning_rate}"
         )
-    if args.max_grad_norm < 0:
+    if args.max_grad_norm is not None and args.max_grad_norm < 0:
         raise ArgsError(f"--max_grad_norm must be >= 0, got {args.max_grad_norm}")
     if args.weight_dtype not in WEIGHT_DTYPES:
         raise ArgsError(f"--weight_dtype: unknown dtype {args.weight_dtype!r}; use one of {sorted(WEIGHT_DTYPES)}")

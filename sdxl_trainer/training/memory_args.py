@@ -1,0 +1,116 @@
+"""Flags of the memory plan (issue 14): `--memory_plan`, `--gpu_memory_gib`, `--master_weights`,
+`--optimizer_step_in_backward`; `check_args` resolves the plan into the flags it decides (`--optimizer`,
+`--gradient_checkpointing`, `--master_weights`, `--optimizer_step_in_backward`, `--cpu_offload`, and
+`--max_grad_norm`), keeping every value given explicitly."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from sdxl_trainer.training import memory_plan
+
+MASTER_WEIGHTS = ("fp32", "bf16_stochastic")
+DEFAULT_MAX_GRAD_NORM = 1.0
+
+RESUME_RULES = {
+    "memory_plan": "may_change",  # what it decides is in the flags below and in --optimizer etc., checked there
+    "gpu_memory_gib": "may_change",
+    "master_weights": "must_match",  # the checkpoint's weights are fp32 masters or bf16 weights
+    "optimizer_step_in_backward": "must_match",  # per-tensor optimizer state instead of flat chunks
+}
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("memory plan (what fits the card, fastest first)")
+    g.add_argument(
+        "--memory_plan",
+        choices=memory_plan.PLANS,
+        default="auto",
+        help="auto (default): from the GPU's memory, the batch and the number of processes, the fastest of fast, "
+        "fast_8bit, fast_bf16, balanced, lean, offload whose estimate fits (no GPU: balanced, the CPU defaults); or "
+        "one of them by name. It sets --optimizer, --gradient_checkpointing, --master_weights, "
+        "--optimizer_step_in_backward, --cpu_offload and --max_grad_norm where they are not given; the choice and "
+        "its estimate are logged at start",
+    )
+    g.add_argument(
+        "--gpu_memory_gib",
+        type=float,
+        default=None,
+        help="GPU memory the plan may use, in GiB (default: the GPU's total memory)",
+    )
+    g.add_argument(
+        "--master_weights",
+        choices=MASTER_WEIGHTS,
+        default=None,
+        help="fp32: fp32 master weights, bf16 compute copies; bf16_stochastic: the weights themselves are bf16, "
+        "updated with stochastic rounding (no fp32 copy; needs --mixed_precision bf16) (default: from the plan)",
+    )
+    g.add_argument(
+        "--optimizer_step_in_backward",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="step each parameter as soon as its gradient is final and free the gradient (gradient release; "
+        "FSDP2 layout; no global-norm clipping: needs --max_grad_norm 0; no fp16) (default: from the plan)",
+    )
+
+
+def _gpu_gib() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    device = int(os.environ.get("LOCAL_RANK", "0"))
+    return torch.cuda.get_device_properties(device).total_memory / memory_plan.GIB
+
+
+def _shard_size(sharding: str, world: int) -> int:
+    if sharding == "no_shard":
+        return 1
+    if sharding == "hybrid_shard":
+        return int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return world
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Resolve the plan into the flags it decides (explicit values win), then refuse what cannot work."""
+    if args.gpu_memory_gib is not None and args.gpu_memory_gib <= 0:
+        raise ValueError(f"--gpu_memory_gib must be positive, got {args.gpu_memory_gib}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    gpu_gib = args.gpu_memory_gib if args.gpu_memory_gib is not None else _gpu_gib()
+    fixed = {f: getattr(args, f) for f in memory_plan.PLAN_FIELDS if f != "cpu_offload"}
+    fixed["cpu_offload"] = True if args.cpu_offload else None  # a store_true flag: only "on" is explicit
+    name, recipe, estimate = memory_plan.choose(
+        args.memory_plan, gpu_gib, args.train_batch_size, world, fixed, _shard_size(args.sharding, world)
+    )
+    for field in memory_plan.PLAN_FIELDS:
+        setattr(args, field, getattr(recipe, field))
+    if args.max_grad_norm is None:
+        args.max_grad_norm = 0.0 if args.optimizer_step_in_backward else DEFAULT_MAX_GRAD_NORM
+    args.memory_plan_chosen = name
+    args.memory_plan_summary = memory_plan.describe(name, recipe, estimate, gpu_gib, args.train_batch_size, world)
+
+    if args.cpu_offload and not torch.cuda.is_available():
+        raise ValueError(f"--cpu_offload (memory plan {name}) moves the weights off a GPU: it needs a CUDA GPU")
+    if args.master_weights == "bf16_stochastic" and args.mixed_precision != "bf16":
+        raise ValueError(
+            f"--master_weights bf16_stochastic trains bf16 weights: it needs --mixed_precision bf16, not "
+            f"{args.mixed_precision} (or --master_weights fp32)"
+        )
+    if args.optimizer_step_in_backward:
+        if args.max_grad_norm > 0:
+            raise ValueError(
+                "--optimizer_step_in_backward steps each tensor before the others have gradients, so global-norm "
+                f"clipping (--max_grad_norm {args.max_grad_norm}) is impossible: give --max_grad_norm 0 (the norm "
+                "is still measured and logged) or --no-optimizer_step_in_backward"
+            )
+        if args.mixed_precision == "fp16":
+            raise ValueError(
+                "--optimizer_step_in_backward with --mixed_precision fp16: loss scaling must see every gradient "
+                "before any step; use bf16"
+            )
+        if args.sharding == "none":
+            raise ValueError(
+                "--optimizer_step_in_backward needs per-parameter gradients (FSDP2): use --sharding auto or "
+                "full_shard, not none (the flat layout's gradients are one preallocated buffer)"
+            )

@@ -1,0 +1,111 @@
+"""The memory plan (`--memory_plan`): from the GPU's memory, the batch and the world size, pick gradient
+checkpointing, master weights, optimizer, the optimizer step in backward and CPU offload. Pure: no GPU needed.
+
+Rungs, fastest first (`auto` takes the first whose estimate fits; a named plan is taken as is). Flags given
+explicitly replace the rung's value before the estimate, so they always win and the estimate stays true:
+
+  fast         fp32 master weights, torch AdamW, no checkpointing          (1.87x the original recipe, H200)
+  fast_8bit    fp32 master weights, AdamW8bit, no checkpointing
+  fast_bf16    bf16 weights with stochastic rounding, AdamW8bit, no checkpointing
+  balanced     fp32 master weights, AdamW8bit, checkpointing               (the defaults before the plan)
+  lean         bf16 weights with stochastic rounding, AdamW8bit, checkpointing, step in backward (FSDP2)
+  offload      fp32 master weights, AdamW, checkpointing, FSDP2 CPU offload of weights, gradients and state
+
+The estimate is per rank, for full-size SDXL base (2.57 B parameters) at 1024 px, from the step's measured peaks
+on an H200 (README, Memory): activations 6.5 GiB per image without checkpointing, 0.41 with it; bytes per
+parameter from the layout (flat one-process: bf16 compute copy + fp32 master, and their gradients; FSDP2:
+sharded over the shard group); plus a fixed allowance for one gathered FSDP unit, kernels' workspaces and the
+allocator's fragmentation. A rung fits when its estimate is within `USABLE_FRACTION` of the card.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+GIB = 2**30
+SDXL_UNET_PARAMETERS = 2_567_463_684
+ACTIVATION_GIB_PER_IMAGE = {True: 0.41, False: 6.5}  # by gradient checkpointing, 1024 px (measured, H200)
+FIXED_GIB = 1.5  # workspaces, fragmentation, one tensor's fp32 copy for stochastic rounding
+FSDP_UNIT_GIB = 1.2  # one gathered up/down block in bf16 plus its unsharded gradient (SDXL's largest)
+USABLE_FRACTION = 0.92
+PLANS = ("auto", "fast", "fast_8bit", "fast_bf16", "balanced", "lean", "offload")
+PLAN_FIELDS = ("gradient_checkpointing", "master_weights", "optimizer", "optimizer_step_in_backward", "cpu_offload")
+OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "lion8bit": 1.0, "adafactor": 0.05}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    gradient_checkpointing: bool
+    master_weights: str  # fp32 | bf16_stochastic
+    optimizer: str
+    optimizer_step_in_backward: bool
+    cpu_offload: bool
+
+
+RUNGS = {
+    "fast": Recipe(False, "fp32", "adamw", False, False),
+    "fast_8bit": Recipe(False, "fp32", "adamw8bit", False, False),
+    "fast_bf16": Recipe(False, "bf16_stochastic", "adamw8bit", False, False),
+    "balanced": Recipe(True, "fp32", "adamw8bit", False, False),
+    "lean": Recipe(True, "bf16_stochastic", "adamw8bit", True, False),
+    "offload": Recipe(True, "fp32", "adamw", False, True),
+}
+CPU_PLAN = "balanced"  # no GPU: today's CPU behaviour (the test suite's defaults)
+
+
+def uses_fsdp(recipe: Recipe, world_size: int) -> bool:
+    """What `--sharding auto` picks: the flat one-process layout unless several processes, CPU offload or the
+    step in backward (whose gradient release needs per-parameter gradients, which the flat layout does not have)."""
+    return world_size > 1 or recipe.cpu_offload or recipe.optimizer_step_in_backward
+
+
+def estimate_gib(recipe: Recipe, batch: int, world_size: int = 1, shard_size: int | None = None,
+                 parameters: int = SDXL_UNET_PARAMETERS) -> float:  # fmt: skip
+    """Peak GPU memory per rank (GiB) of one training step with `batch` images of 1024 px per rank."""
+    shard = shard_size or world_size
+    bf16 = recipe.master_weights == "bf16_stochastic"
+    state = OPTIMIZER_STATE_BYTES[recipe.optimizer]
+    if not uses_fsdp(recipe, world_size):
+        # Flat layout: fp32 masters + bf16 compute copy and both gradients; bf16 weights: one copy, one gradient.
+        per_param = (2 + 2 if bf16 else 6 + 6) + state
+        model_gib = parameters * per_param / GIB
+    else:
+        weights = 2 if bf16 else 4
+        grads = 0 if recipe.optimizer_step_in_backward else weights
+        per_param = 0 if recipe.cpu_offload else weights + grads + state
+        model_gib = parameters * per_param / shard / GIB + FSDP_UNIT_GIB
+    activations = batch * ACTIVATION_GIB_PER_IMAGE[recipe.gradient_checkpointing]
+    return round(model_gib + activations + FIXED_GIB, 1)
+
+
+def choose(plan: str, gpu_gib: float | None, batch: int, world_size: int = 1, fixed: dict | None = None,
+           shard_size: int | None = None) -> tuple[str, Recipe, float | None]:  # fmt: skip
+    """(rung name, recipe, estimate GiB) for `--memory_plan plan`. `fixed`: flags given explicitly (they replace
+    the rung's values). `gpu_gib` None = no GPU: `auto` keeps the CPU defaults (`CPU_PLAN`), no estimate."""
+    fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
+    if plan not in PLANS:
+        raise ValueError(f"--memory_plan: unknown plan {plan!r}; choose one of {', '.join(PLANS)}")
+    if plan == "auto" and gpu_gib is None:
+        plan = CPU_PLAN
+    if plan != "auto":
+        recipe = replace(RUNGS[plan], **fixed)
+        return plan, recipe, None if gpu_gib is None else estimate_gib(recipe, batch, world_size, shard_size)
+    usable = gpu_gib * USABLE_FRACTION
+    candidates = [(name, replace(r, **fixed)) for name, r in RUNGS.items()]
+    for name, recipe in candidates:
+        est = estimate_gib(recipe, batch, world_size, shard_size)
+        if est <= usable:
+            return name, recipe, est
+    name, recipe = candidates[-1]  # nothing fits by the estimate: the leanest, and the log says so
+    return name, recipe, estimate_gib(recipe, batch, world_size, shard_size)
+
+
+def describe(name: str, recipe: Recipe, estimate: float | None, gpu_gib: float | None, batch: int, world: int) -> str:
+    fields = ", ".join(f"{k}={v}" for k, v in asdict(recipe).items())
+    if estimate is None:
+        return f"memory plan {name} (no GPU: no estimate): {fields}"
+    fits = "fits" if estimate <= gpu_gib * USABLE_FRACTION else "DOES NOT FIT by the estimate"
+    return (
+        f"memory plan {name}: {fields}; estimate {estimate} GiB per rank for batch {batch} at 1024 px on "
+        f"{world} process(es), {fits} in {gpu_gib:.1f} GiB"
+    )

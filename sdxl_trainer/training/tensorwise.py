@@ -1,0 +1,95 @@
+"""One inner optimizer per tensor: for bf16 trained weights with stochastic rounding, and for the optimizer step
+inside backward (each tensor stepped as soon as its gradient is final).
+
+`TensorwiseOptimizer` is a torch Optimizer over the tensors it is given (local shards, flat chunks: what
+`optimizers.LocalShardOptimizer` and `flat_master.FlatMasterOptimizer` hand their inner optimizer), so the LR
+schedule drives its one param group as usual. Inside, each tensor has its own inner optimizer (bitsandbytes
+AdamW8bit, torch AdamW, Adafactor: whatever `optimizers.inner_factory` builds), which reads the group's
+learning rate at every step. That is what lets one tensor be stepped alone (`step_tensor`), from a
+post-accumulate-grad hook.
+
+bf16 weights (`round_to_bf16=True`): the inner optimizer steps an fp32 copy of the tensor (made for the step and
+freed after it, so only one tensor's fp32 copy exists at a time), then the result is rounded stochastically back
+into the bf16 weight. The optimizer state is the inner optimizer's own (8-bit moments for AdamW8bit, fp32 for
+AdamW). fp32 weights: the inner optimizer steps the tensor itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sdxl_trainer.training.stochastic_rounding import stochastic_round_to_bf16
+
+_EMPTY = torch.empty(0)
+
+
+class TensorwiseOptimizer(torch.optim.Optimizer):
+    def __init__(self, tensors: list[torch.Tensor], numels: list[int], inner_factory, lr: float,
+                 round_to_bf16: bool, generator: torch.Generator | None = None):  # fmt: skip
+        super().__init__(tensors, {"lr": lr})
+        self.round_to_bf16 = round_to_bf16
+        self.generator = generator
+        self.tensors = tensors
+        if round_to_bf16:
+            bad = [t.dtype for t in tensors if t.dtype != torch.bfloat16]
+            if bad:
+                raise TypeError(f"bf16 stochastic rounding needs bf16 weights, got {bad[0]}")
+            # fp32 stand-ins: the inner optimizer keys its state by them; their storage lives only during a step.
+            self.holders = [torch.zeros(0, dtype=torch.float32, device=t.device) for t in tensors]
+        else:
+            self.holders = list(tensors)
+        self.inners = [inner_factory([h], [n]) for h, n in zip(self.holders, numels, strict=True)]
+
+    def step_tensor(self, index: int) -> None:
+        """Step tensor `index` with its current `.grad` (None: nothing to do)."""
+        weight = self.tensors[index]
+        if weight.grad is None:
+            return
+        inner, holder = self.inners[index], self.holders[index]
+        for group in inner.param_groups:
+            group["lr"] = self.param_groups[0]["lr"]
+        if not self.round_to_bf16:
+            holder.grad = weight.grad
+            inner.step()
+            return
+        holder.data = weight.detach().float()
+        holder.grad = weight.grad.float()
+        inner.step()
+        weight.data.copy_(stochastic_round_to_bf16(holder.data, self.generator))
+        holder.grad = None
+        holder.data = _EMPTY.to(holder.device)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for i in range(len(self.tensors)):
+            self.step_tensor(i)
+
+    def state_dict(self) -> dict:
+        return {"inner": [o.state_dict() for o in self.inners], "lr": self.param_groups[0]["lr"]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["inner"]) != len(self.inners):
+            raise ValueError(f"optimizer state for {len(state['inner'])} tensors, this run has {len(self.inners)}")
+        for i, (o, s) in enumerate(zip(self.inners, state["inner"], strict=True)):
+            h, t = self.holders[i], self.tensors[i]
+            if self.round_to_bf16:
+                # Inner optimizers cast loaded state to their parameter's shape, dtype and device: give the stand-in
+                # its real shape while loading (one at a time: never a whole fp32 copy of the model).
+                h.data = torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+            o.load_state_dict(s)
+            if self.round_to_bf16:
+                h.data = _EMPTY.to(h.device)
+        self.param_groups[0]["lr"] = state["lr"]
+
+    def inner_state(self, index: int) -> dict:
+        """The inner optimizer's state of tensor `index` (for tests and `optimizers.state_bits`)."""
+        return self.inners[index].state.get(self.holders[index], {})
+
+
+def factory(inner_factory, lr: float, round_to_bf16: bool, generator: torch.Generator | None = None):
+    """`build(tensors, numels)` like `optimizers.inner_factory`'s, making a `TensorwiseOptimizer`."""
+
+    def build(tensors: list[torch.Tensor], numels: list[int]) -> TensorwiseOptimizer:
+        return TensorwiseOptimizer(tensors, numels, inner_factory, lr, round_to_bf16, generator)
+
+    return build
