@@ -167,6 +167,7 @@ def run_trainer(
         return result
 
     step.train_step = timed_step
+    loop.train_step = timed_step  # loop.py imports train_step by name: patch the name it calls
     out = work / "runs" / name
     argv = [
         "--pretrained_model_name_or_path", str(work / "model"), "--cached_dataset_dirs", str(work / "cache"),

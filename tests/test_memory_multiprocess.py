@@ -1,5 +1,6 @@
-"""Stop + resume under the lean memory plan (bf16 weights with stochastic rounding, AdamW8bit, checkpointing, the
-optimizer step in backward) with 2 gloo processes, FULL_SHARD: the resumed run continues exactly."""
+"""Stop + resume under the leanest GPU-resident memory plan (`lean_release`: the lean plan's bf16 weights with
+stochastic rounding, AdamW8bit and checkpointing, plus the optimizer step in backward) with 2 gloo processes,
+FULL_SHARD (what `lean` also is on several processes): the resumed run continues exactly."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ pytestmark = pytest.mark.slow
 
 
 def _lean_argv(model: Path, cache: Path, out: Path, *extra: str) -> list[str]:
-    argv = base_args(model, cache, out, "--memory_plan", "lean", "--mixed_precision", "bf16", "--train_batch_size",
+    argv = base_args(model, cache, out, "--memory_plan", "lean_release", "--mixed_precision", "bf16", "--train_batch_size",
                      "1", "--max_train_steps", "4", "--checkpointing_steps", "2", "--no-save_final_model",
                      "--learning_rate_scheduler", "cosine", *extra)  # fmt: skip
-    # base_args fixes the optimizer and checkpointing; the lean plan must choose them here.
+    # base_args fixes the optimizer and checkpointing; the plan must choose them here.
     argv.remove("--no-gradient_checkpointing")
     i = argv.index("--optimizer")
     del argv[i : i + 2]
@@ -31,7 +32,7 @@ def test_stop_and_resume_under_the_lean_plan_is_exact_on_two_ranks(tmp_path, tin
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     _wait(_torchrun(_lean_argv(tiny_model_dir, cache, full), tmp_path / "full.log"), tmp_path / "full.log")
     config = json.loads((full / "config.json").read_text())
-    assert config["memory_plan_chosen"] == "lean" and config["sharding"] == "full_shard"
+    assert config["memory_plan_chosen"] == "lean_release" and config["sharding"] == "full_shard"
     assert config["master_weights"] == "bf16_stochastic" and config["optimizer_step_in_backward"] is True
     assert config["gradient_checkpointing"] is True and config["optimizer"] == "adamw8bit"
 

@@ -11,8 +11,9 @@ from sdxl_trainer.training import memory_plan, train_args
 @pytest.mark.parametrize(
     ("gpu_gib", "world", "batch", "want"),
     [
-        (24, 1, 8, "lean"),  # bf16 weights + SR, AdamW8bit, checkpointing, step in backward: ~15 GiB
-        (16, 1, 1, "lean"),
+        (24, 1, 8, "lean"),  # bf16 weights + SR, AdamW8bit, checkpointing, flat layout: ~19 GiB
+        (24, 1, 16, "lean_release"),  # + the step in backward (FSDP2): no gradients held
+        (16, 1, 1, "lean_release"),
         (48, 1, 8, "balanced"),  # fp32 masters, AdamW8bit, checkpointing
         (80, 1, 8, "fast_bf16"),  # no checkpointing: bf16 weights make room for the activations
         (141, 1, 8, "fast"),  # fp32 masters, AdamW, no checkpointing (the 1.87x recipe on an H200)
@@ -33,6 +34,7 @@ def test_each_faster_rung_would_not_fit_on_24_gib():
     for name, recipe in memory_plan.RUNGS.items():
         if name == "lean":
             break
+        assert memory_plan.RUNGS[name].master_weights == "fp32" or not recipe.gradient_checkpointing
         assert memory_plan.estimate_gib(recipe, 8) > 24 * memory_plan.USABLE_FRACTION, name
 
 
@@ -64,10 +66,10 @@ def _parse(tmp_path, *extra):
 
 
 def test_flags_are_resolved_from_the_plan_and_logged(tmp_path):
-    args = _parse(tmp_path, "--memory_plan", "lean", "--gpu_memory_gib", "24", "--train_batch_size", "8")
+    args = _parse(tmp_path, "--memory_plan", "lean_release", "--gpu_memory_gib", "24", "--train_batch_size", "8")
     assert args.master_weights == "bf16_stochastic" and args.optimizer == "adamw8bit"
     assert args.gradient_checkpointing and args.optimizer_step_in_backward and args.max_grad_norm == 0
-    assert "memory plan lean" in args.memory_plan_summary and "fits in 24.0 GiB" in args.memory_plan_summary
+    assert "memory plan lean_release" in args.memory_plan_summary and "fits in 24.0 GiB" in args.memory_plan_summary
     args = _parse(tmp_path, "--gpu_memory_gib", "141", "--train_batch_size", "8", "--gradient_checkpointing")
     assert args.memory_plan_chosen == "fast" and args.gradient_checkpointing and args.optimizer == "adamw"
     assert args.max_grad_norm == 1.0 and args.master_weights == "fp32"

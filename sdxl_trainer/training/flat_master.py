@@ -30,7 +30,7 @@ import torch
 from sdxl_trainer.training.optimizers import eight_bit_state
 
 CHUNK_ELEMENTS = 2**29  # bitsandbytes indexes with 32-bit integers; SDXL's UNet has 2.6e9 elements
-BF16_CHUNK_ELEMENTS = 2**26  # 256 MiB of fp32 (plus its gradient) while a chunk is stepped
+BF16_CHUNK_ELEMENTS = 2**25  # 128 MiB of fp32 (and as much for its gradient) while a chunk is stepped
 ELEMENTWISE = {"adamw", "adamw8bit", "lion8bit"}
 
 

@@ -8,7 +8,8 @@ explicitly replace the rung's value before the estimate, so they always win and 
   fast_8bit    fp32 master weights, AdamW8bit, no checkpointing
   fast_bf16    bf16 weights with stochastic rounding, AdamW8bit, no checkpointing
   balanced     fp32 master weights, AdamW8bit, checkpointing               (the defaults before the plan)
-  lean         bf16 weights with stochastic rounding, AdamW8bit, checkpointing, step in backward (FSDP2)
+  lean         bf16 weights with stochastic rounding, AdamW8bit, checkpointing (the flat layout on one GPU)
+  lean_release lean + the optimizer step in backward (FSDP2, even on one GPU): no gradients held at once
   offload      fp32 master weights, AdamW, checkpointing, FSDP2 CPU offload of weights, gradients and state
 
 The estimate is per rank, for full-size SDXL base (2.57 B parameters) at 1024 px, from the step's measured peaks
@@ -28,7 +29,7 @@ ACTIVATION_GIB_PER_IMAGE = {True: 0.41, False: 6.5}  # by gradient checkpointing
 FIXED_GIB = 1.5  # workspaces, fragmentation, one tensor's fp32 copy for stochastic rounding
 FSDP_UNIT_GIB = 1.2  # one gathered up/down block in bf16 plus its unsharded gradient (SDXL's largest)
 USABLE_FRACTION = 0.92
-PLANS = ("auto", "fast", "fast_8bit", "fast_bf16", "balanced", "lean", "offload")
+PLANS = ("auto", "fast", "fast_8bit", "fast_bf16", "balanced", "lean", "lean_release", "offload")
 PLAN_FIELDS = ("gradient_checkpointing", "master_weights", "optimizer", "optimizer_step_in_backward", "cpu_offload")
 OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "lion8bit": 1.0, "adafactor": 0.05}
 
@@ -47,7 +48,8 @@ RUNGS = {
     "fast_8bit": Recipe(False, "fp32", "adamw8bit", False, False),
     "fast_bf16": Recipe(False, "bf16_stochastic", "adamw8bit", False, False),
     "balanced": Recipe(True, "fp32", "adamw8bit", False, False),
-    "lean": Recipe(True, "bf16_stochastic", "adamw8bit", True, False),
+    "lean": Recipe(True, "bf16_stochastic", "adamw8bit", False, False),
+    "lean_release": Recipe(True, "bf16_stochastic", "adamw8bit", True, False),
     "offload": Recipe(True, "fp32", "adamw", False, True),
 }
 CPU_PLAN = "balanced"  # no GPU: today's CPU behaviour (the test suite's defaults)

@@ -22,15 +22,16 @@ _GENERATORS: dict[str, torch.Generator] = {}
 def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """bf16 tensor equal to `x` (fp32) in expectation: add a uniform random integer in [0, 2**16) to the low 16
     bits of each fp32 bit pattern, then drop them. fp32 is sign-magnitude, so this rounds the magnitude up with
-    probability (distance to the lower bf16 neighbour) / (bf16 step) for negative values too. Non-finite values pass
-    through unchanged."""
+    probability (distance to the lower bf16 neighbour) / (bf16 step) for negative values too.
+
+    ±inf stay ±inf and NaNs as computed (canonical, upper mantissa bits set) stay NaN; values within the last
+    bf16 step below the largest finite one may round to inf, as round-to-nearest does above its midpoint. Two
+    temporaries (the int32 noise and the bf16 result): it runs on 2**25-element chunks of a 24 GiB card."""
     if x.dtype != torch.float32:
         raise TypeError(f"stochastic_round_to_bf16 takes fp32, got {x.dtype}")
-    bits = x.contiguous().view(torch.int32)
     noise = torch.randint(0, _LOW_BITS, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    finite = torch.isfinite(x)
-    rounded = torch.where(finite, (bits + noise) & -_LOW_BITS, bits)  # -2**16 == 0xFFFF0000 as int32
-    return rounded.view(torch.float32).to(torch.bfloat16)  # exact: the low bits are zero (non-finite: as is)
+    noise.add_(x.contiguous().view(torch.int32)).bitwise_and_(-_LOW_BITS)  # -2**16 == 0xFFFF0000 as int32
+    return noise.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
 
 
 def rounding_generator(device: torch.device | str, seed: int | None = None) -> torch.Generator:
