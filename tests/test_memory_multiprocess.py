@@ -15,9 +15,9 @@ pytestmark = pytest.mark.slow
 
 
 def _lean_argv(model: Path, cache: Path, out: Path, *extra: str) -> list[str]:
-    argv = base_args(model, cache, out, "--memory_plan", "lean_release", "--mixed_precision", "bf16", "--train_batch_size",
-                     "1", "--max_train_steps", "4", "--checkpointing_steps", "2", "--no-save_final_model",
-                     "--learning_rate_scheduler", "cosine", *extra)  # fmt: skip
+    argv = base_args(model, cache, out, "--memory_plan", "lean_release", "--mixed_precision", "bf16",
+                     "--train_batch_size", "1", "--max_train_steps", "4", "--checkpointing_steps", "2",
+                     "--no-save_final_model", "--learning_rate_scheduler", "cosine", *extra)  # fmt: skip
     # base_args fixes the optimizer and checkpointing; the plan must choose them here.
     argv.remove("--no-gradient_checkpointing")
     i = argv.index("--optimizer")
