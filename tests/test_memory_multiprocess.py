@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def _lean_argv(model: Path, cache: Path, out: Path, *extra: str) -> list[str]:
     argv = base_args(model, cache, out, "--memory_plan", "lean_release", "--mixed_precision", "bf16",
-                     "--train_batch_size", "1", "--max_train_steps", "4", "--checkpointing_steps", "2",
+                     "--train_batch_size", "1", "--max_train_steps", "3", "--checkpointing_steps", "2",
                      "--no-save_final_model", "--learning_rate_scheduler", "cosine", *extra)  # fmt: skip
     # base_args fixes the optimizer and checkpointing; the plan must choose them here.
     argv.remove("--no-gradient_checkpointing")
@@ -40,7 +40,7 @@ def test_stop_and_resume_under_the_lean_plan_is_exact_on_two_ranks(tmp_path, tin
     argv = _lean_argv(tiny_model_dir, cache, resumed, "--resume_from_checkpoint", str(start))
     _wait(_torchrun(argv, tmp_path / "resumed.log"), tmp_path / "resumed.log")
     a, b = read_metrics(full), read_metrics(resumed)
-    assert [r["step"] for r in b] == [3, 4]
+    assert [r["step"] for r in b] == [3]
     assert [(r["loss"], r["lr"], r["grad_norm"]) for r in b] == [(r["loss"], r["lr"], r["grad_norm"]) for r in a[2:]]
     assert all(r["grad_norm"] > 0 for r in a)  # measured in backward, summed over the ranks
-    _same_checkpoint(full / "checkpoints" / "step-4", resumed / "checkpoints" / "step-4")  # bf16 weights, 8-bit state
+    _same_checkpoint(full / "checkpoints" / "step-3", resumed / "checkpoints" / "step-3")  # bf16 weights, 8-bit state
