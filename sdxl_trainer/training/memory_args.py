@@ -23,6 +23,11 @@ RESUME_RULES = {
 }
 
 
+# What a checkpoint written before these flags existed did: fp32 masters, the ordinary step (resume_check compares
+# a flag missing from a checkpoint's config.json with this, not with the parser's None = "from the plan").
+RESUME_DEFAULTS = {"master_weights": "fp32", "optimizer_step_in_backward": False}
+
+
 def add_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("memory plan (what fits the card, fastest first)")
     g.add_argument(

@@ -81,7 +81,10 @@ def _prepare_run_folder(args: argparse.Namespace, info: DistInfo, run_dir: Path)
         else:
             new = {**vars(args), "world_size": info.world_size, "num_nodes": info.num_nodes}
             rules = resume_check.all_rules(_flag_modules())
-            changed = resume_check.check_resume(path, new, rules, vars(build_parser().parse_args([])))
+            defaults = vars(build_parser().parse_args([]))
+            for module in _flag_modules():  # what a checkpoint older than a module's flags did
+                defaults.update(getattr(module, "RESUME_DEFAULTS", {}))
+            changed = resume_check.check_resume(path, new, rules, defaults)
             state = json.loads((path / ckpt.TRAIN_STATE).read_text(encoding="utf-8"))
             notes += run_folder.prepare_resume(run_dir, path, state, run_id)
     except BaseException:

@@ -21,6 +21,9 @@ import torch
 from sdxl_trainer.training.stochastic_rounding import stochastic_round_to_bf16
 
 _EMPTY = torch.empty(0)
+# Hyper-parameters the outer group carries and every inner optimizer reads at each step: the LR schedule sets lr,
+# a resume with changed flags sets the others (resume_check.apply_to_optimizer).
+SYNCED = ("lr", "betas", "eps", "weight_decay")
 
 
 class TensorwiseOptimizer(torch.optim.Optimizer):
@@ -39,6 +42,9 @@ class TensorwiseOptimizer(torch.optim.Optimizer):
         else:
             self.holders = list(tensors)
         self.inners = [inner_factory([h], [n]) for h, n in zip(self.holders, numels, strict=True)]
+        if self.inners:
+            first = self.inners[0].param_groups[0]
+            self.param_groups[0].update({k: first[k] for k in SYNCED[1:] if k in first})
 
     def step_tensor(self, index: int) -> None:
         """Step tensor `index` with its current `.grad` (None: nothing to do)."""
@@ -46,8 +52,11 @@ class TensorwiseOptimizer(torch.optim.Optimizer):
         if weight.grad is None:
             return
         inner, holder = self.inners[index], self.holders[index]
+        outer = self.param_groups[0]
         for group in inner.param_groups:
-            group["lr"] = self.param_groups[0]["lr"]
+            for key in SYNCED:
+                if key in group and key in outer:
+                    group[key] = outer[key]
         if not self.round_to_bf16:
             holder.grad = weight.grad
             inner.step()
@@ -65,7 +74,8 @@ class TensorwiseOptimizer(torch.optim.Optimizer):
             self.step_tensor(i)
 
     def state_dict(self) -> dict:
-        return {"inner": [o.state_dict() for o in self.inners], "lr": self.param_groups[0]["lr"]}
+        outer = self.param_groups[0]
+        return {"inner": [o.state_dict() for o in self.inners], **{k: outer[k] for k in SYNCED if k in outer}}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["inner"]) != len(self.inners):
@@ -79,7 +89,7 @@ class TensorwiseOptimizer(torch.optim.Optimizer):
             o.load_state_dict(s)
             if self.round_to_bf16:
                 h.data = _EMPTY.to(h.device)
-        self.param_groups[0]["lr"] = state["lr"]
+        self.param_groups[0].update({k: state[k] for k in SYNCED if k in state})
 
     def inner_state(self, index: int) -> dict:
         """The inner optimizer's state of tensor `index` (for tests and `optimizers.state_bits`)."""
