@@ -145,7 +145,7 @@ def run_trainer(
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(memory_cap_gib * 2**30 / total, device)
     step_end_times: list[float] = []
-    original_step = step.train_step
+    original_step = loop.train_step  # the loop calls the name it imported (from ...step import train_step)
 
     profile_out = os.environ.get("BENCH_PROFILE")  # a file: profile three steady-state steps into it
     profiler = None
