@@ -88,15 +88,15 @@ def test_flag_checks_and_refusals(tmp_path, monkeypatch):
             train_args.build_parser().parse_args(["--cached_dataset_dirs", str(tmp_path), "--fp8", "tensorwise"])
         )
     with pytest.raises(fp8.Fp8Error, match="8.9 or newer"):
-        fp8.Fp8Plan.for_run("rowwise", 1280, torch.device("cuda", 0), "none", False)
+        fp8.Fp8Plan.for_run("rowwise", 1280, torch.device("cuda", 0), "none", True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert fp8.support_error(torch.device("cuda", 0)) is None
-    assert fp8.Fp8Plan.for_run("none", 1280, torch.device("cuda", 0), "none", False).recipe is None
-    # Float8 all-gather: tensorwise under FSDP2 only.
-    assert fp8.Fp8Plan.for_run("tensorwise", 1280, torch.device("cpu"), "full_shard", False).float8_all_gather
-    assert not fp8.Fp8Plan.for_run("rowwise", 1280, torch.device("cpu"), "full_shard", False).float8_all_gather
-    assert not fp8.Fp8Plan.for_run("tensorwise", 1280, torch.device("cpu"), "none", False).float8_all_gather
-    assert not fp8.Fp8Plan.for_run("tensorwise", 1280, torch.device("cpu"), "full_shard", True).float8_all_gather
+    assert fp8.Fp8Plan.for_run("none", 1280, torch.device("cuda", 0), "none", True).recipe is None
+    # Float8 all-gather: tensorwise under FSDP2 over plain fp32 shards only.
+    assert fp8.Fp8Plan.for_run("tensorwise", 1280, torch.device("cpu"), "full_shard", True).float8_all_gather
+    assert not fp8.Fp8Plan.for_run("rowwise", 1280, torch.device("cpu"), "full_shard", True).float8_all_gather
+    assert not fp8.Fp8Plan.for_run("tensorwise", 1280, torch.device("cpu"), "none", True).float8_all_gather
+    assert not fp8.Fp8Plan.for_run("tensorwise", 1280, torch.device("cpu"), "full_shard", False).float8_all_gather
 
 
 def test_compiled_float8_block_matches_eager(tiny_model_dir):

@@ -103,10 +103,12 @@ def float8_config(recipe: str, fsdp_float8_all_gather: bool = False):
     return config
 
 
-def uses_float8_all_gather(recipe: str, sharding: str, cpu_offload: bool) -> bool:
+def uses_float8_all_gather(recipe: str, sharding: str, plain_fp32_shards: bool) -> bool:
     """Float8 all-gather where it helps: tensorwise under FSDP2 (it halves the all-gathered bytes and casts each
-    weight once per step, from the fp32 shard); not with CPU offload (the cast would run on the CPU)."""
-    return recipe == "tensorwise" and sharding != "none" and not cpu_offload
+    weight once per step, from the fp32 shard). Only over plain fp32 shards on the GPU stepped after the backward:
+    not with CPU offload (the cast would run on the CPU), bf16 stochastic weights or the step in backward (their
+    optimizers step the shards tensor by tensor, which the float8 weight wrapper is not tested with)."""
+    return recipe == "tensorwise" and sharding != "none" and plain_fp32_shards
 
 
 def _contiguous_input(_module: torch.nn.Module, args: tuple) -> tuple:
@@ -154,7 +156,7 @@ class Fp8Plan:
     report: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def for_run(cls, choice: str, min_features: int, device: torch.device, sharding: str, cpu_offload: bool):
+    def for_run(cls, choice: str, min_features: int, device: torch.device, sharding: str, plain_fp32_shards: bool):
         """The plan for the resolved --sharding; raises Fp8Error where FP8 cannot run (cards without FP8)."""
         if choice == "none":
             return cls(None)
@@ -163,7 +165,7 @@ class Fp8Plan:
             raise Fp8Error(error)
         if device.type == "cpu":
             logger.warning("--fp8 on CPU: torch's CPU FP8 matmuls give FP8's numerics but no speed-up (for checks)")
-        return cls(choice, min_features, uses_float8_all_gather(choice, sharding, cpu_offload))
+        return cls(choice, min_features, uses_float8_all_gather(choice, sharding, plain_fp32_shards))
 
     def convert(self, unet: torch.nn.Module) -> None:
         if self.recipe is not None:

@@ -163,11 +163,12 @@ def _build(args: argparse.Namespace, info: DistInfo, run_dir: Path, folder: dict
                 "differ from the checkpoint's: resume with the same --cached_dataset_dirs content"
             )
     mesh = sharding.build_mesh(args.sharding, info)
+    bf16_weights = args.master_weights == "bf16_stochastic"
+    plain_fp32_shards = not (args.cpu_offload or bf16_weights or args.optimizer_step_in_backward)
     try:  # refuses cards without FP8 matmuls
-        fp8_plan = fp8.Fp8Plan.for_run(args.fp8, args.fp8_min_features, info.device, args.sharding, args.cpu_offload)
+        fp8_plan = fp8.Fp8Plan.for_run(args.fp8, args.fp8_min_features, info.device, args.sharding, plain_fp32_shards)
     except fp8.Fp8Error as exc:
         raise TrainingError(str(exc)) from exc
-    bf16_weights = args.master_weights == "bf16_stochastic"
     inner = optimizers.inner_factory(args)
     if bf16_weights or args.optimizer_step_in_backward:  # one inner optimizer per tensor (tensorwise.py)
         # The rounding's own random stream, distinct per rank; the checkpoint's RNG file saves its state.
