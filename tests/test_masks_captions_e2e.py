@@ -18,7 +18,7 @@ import sdxl_fsdp_train
 import sdxl_process_data_dir
 from sdxl_trainer.caching.caching_args import CachingArgs
 from sdxl_trainer.caching.run import run_caching
-from sdxl_trainer.data import cache_reader
+from sdxl_trainer.data import cache_format, cache_reader
 from sdxl_trainer.training import loop, objective, train_args
 from sdxl_trainer.training.data_setup import DataSetupError
 
@@ -71,6 +71,8 @@ def test_caching_stores_masks_at_latent_resolution_and_captions_with_their_chunk
     by_name = {i.image_relpath: i for i in ds.items}
     rows = {name: ds.load_item_tensors(item)["prompt_embeds"].shape[0] for name, item in by_name.items()}
     assert rows == {"img0.png": 77, "img1.png": 154, "img2.png": 231, "img3.png": 154, "img4.png": 77, "img5.png": 154}
+    records = cache_format.load_index_records(cached["cache"] / "ds")  # the length is in each record too
+    assert {r["image_relpath"]: r["text_rows"] for r in records.values()} == rows
     assert [by_name[f"img{i}.png"].loss_mask for i in range(6)] == [True, True, False, True, False, False]
     left = ds.load_item_tensors(by_name["img0.png"])["loss_mask"].float()
     top = ds.load_item_tensors(by_name["img3.png"])["loss_mask"].float()

@@ -181,7 +181,7 @@ class Pipeline:
             )
         extra.update(
             image_size_bytes=work.stat[0], image_mtime_ns=work.stat[1], caption_tokens=token_count,
-            caption_truncated=truncated, caption_notes=notes,
+            caption_truncated=truncated, caption_notes=notes, text_rows=int(tensors["prompt_embeds"].shape[0]),
         )  # fmt: skip
         problem = cache_format.value_problem(tensors)
         if problem:  # e.g. an fp16 overflow in an encoder: never cached, named in the report
