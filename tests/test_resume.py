@@ -194,3 +194,68 @@ def test_two_run_folders_with_one_name_get_different_tags(tmp_path):
     assert run_folder.path_tag(a) != run_folder.path_tag(b)
     assert run_folder.default_tensorboard_dir(a, None) == a / "tensorboard"
     assert str(run_folder.default_tensorboard_dir(a, "/logs")) == "/logs/run"
+
+
+class _Counter:
+    """A stand-in for extra training state (e.g. EMA weights)."""
+
+    def __init__(self, value: float):
+        self.tensor = torch.full((3,), value)
+
+    def state_dict(self) -> dict:
+        return {"tensor": self.tensor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tensor = state["tensor"]
+
+
+def _tiny_training_objects(seed: int):
+    from types import SimpleNamespace as NS
+
+    from sdxl_trainer.training import optimizers
+    from sdxl_trainer.training.flat_master import FlatMasterOptimizer
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    args = NS(learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, adam_weight_decay=0.0)
+    optimizer = FlatMasterOptimizer(model, "adamw", optimizers._torch_adamw_factory(args), None, torch.device("cpu"))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer.inner, lambda s: 1.0)
+    return model, optimizer, schedule
+
+
+@pytest.fixture
+def one_process():
+    from sdxl_trainer.distributed import cleanup, init_distributed
+
+    yield init_distributed(use_gpu=False)
+    cleanup()
+
+
+def test_a_step_written_again_is_replaced_whole_and_extra_state_round_trips(tmp_path, one_process):
+    info = one_process
+    model, optimizer, schedule = _tiny_training_objects(0)
+    state, config = {"step": 5, "progress": {}}, {"learning_rate": 1e-3}
+    folder = checkpoint.save_checkpoint(tmp_path, 5, info, model, optimizer, schedule, None, state, config,
+                                        extra={"ema": _Counter(1.0)})  # fmt: skip
+    assert integrity.verify_checkpoint(folder) == []
+    # Another trajectory writes step 5 again: nothing of the first write survives.
+    other, other_opt, other_schedule = _tiny_training_objects(1)
+    checkpoint.save_checkpoint(tmp_path, 5, info, other, other_opt, other_schedule, None, state, config,
+                               extra={"ema": _Counter(2.0)})  # fmt: skip
+    assert integrity.verify_checkpoint(folder) == [] and not list((tmp_path / "checkpoints").glob(".*"))
+    fresh, fresh_opt, fresh_schedule = _tiny_training_objects(2)
+    ema = _Counter(0.0)
+    checkpoint.load_checkpoint(folder, info, fresh, fresh_opt, fresh_schedule, None, {"ema": ema})
+    assert torch.equal(fresh_opt.master, other_opt.master) and torch.equal(ema.tensor, torch.full((3,), 2.0))
+    # A refresh renews only the train state: the tensor files are the same inodes, the manifest still holds.
+    shard = next((folder / "model").glob("*.safetensors"))
+    inode = shard.stat().st_ino
+    checkpoint.save_checkpoint(tmp_path, 5, info, other, other_opt, other_schedule, None, {**state, "x": 1}, config,
+                               refresh_only=True)  # fmt: skip
+    assert shard.stat().st_ino == inode and json.loads((folder / checkpoint.TRAIN_STATE).read_text())["x"] == 1
+    assert integrity.verify_checkpoint(folder) == []
+    # Non-finite weights are refused, loudly, and nothing is written.
+    other_opt.master[0] = float("inf")
+    with pytest.raises(checkpoint.CheckpointError, match="non-finite"):
+        checkpoint.save_checkpoint(tmp_path, 6, info, other, other_opt, other_schedule, None, state, config)
+    assert [s for s, _ in checkpoint.step_folders(tmp_path)] == [5]

@@ -201,9 +201,12 @@ def _build(args: argparse.Namespace, info: DistInfo, run_dir: Path, folder: dict
 
         scaler = ShardedGradScaler(device=info.device.type)
 
+    # Further per-rank training state (EMA weights, ...): named objects with state_dict()/load_state_dict(),
+    # registered here before a resume so that checkpoints save and restore them (Trainer.extra_state).
+    extra_state: dict = {}
     progress, sampler = Progress(), SamplerState()
     if resume_path is not None:
-        state = ckpt.load_checkpoint(resume_path, info, unet, optimizer, lr_scheduler, scaler)
+        state = ckpt.load_checkpoint(resume_path, info, unet, optimizer, lr_scheduler, scaler, extra_state)
         # The new flags' learning rate, betas, eps, weight decay and schedule replace the restored ones.
         resume_check.apply_to_optimizer(args, optimizer.param_groups, lr_scheduler)
         if folder["changed"]:
@@ -248,7 +251,7 @@ def _build(args: argparse.Namespace, info: DistInfo, run_dir: Path, folder: dict
     tr = Trainer(
         args, info, run_dir, unet, noise_scheduler, optimizer, lr_scheduler, scaler, td, sampler, progress, log,
         evaluator, handoff, config, mesh.get_group("shard"), objective_args.loss_options(args),
-        run_id=folder["run_id"],
+        run_id=folder["run_id"], extra_state=extra_state,
     )  # fmt: skip
     if fp8_plan.float8_all_gather:  # each float8 weight's scale for the next all-gather, in one all-reduce
         tr.after_optimizer_step.append(lambda: fp8.precompute_scales(unet))
