@@ -173,8 +173,8 @@ def test_non_finite_weights_are_never_saved(tiny_model_dir, cache_root, tmp_path
 
     real_step = loop.train_step
 
-    def poisoning_step(tr, batches):
-        result = real_step(tr, batches)
+    def poisoning_step(tr, *rest, **kwargs):
+        result = real_step(tr, *rest, **kwargs)
         tr.optimizer.locals[0].data.view(-1)[0] = float("nan")  # e.g. an update that overflowed a weight
         return result
 
