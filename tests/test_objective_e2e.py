@@ -1,6 +1,7 @@
-"""The objective options through the real training script on the tiny model (issue 17): every loss, noise,
-schedule and timestep option reaches the step, and a v-prediction / zero-terminal-SNR run saves a pipeline that
-diffusers loads with the matching scheduler and samples from."""
+"""The objective options and EMA through the real training script on the tiny model (issue 17): every loss,
+noise, schedule and timestep option reaches the step; a v-prediction / zero-terminal-SNR run saves a pipeline that
+diffusers loads with the matching scheduler and samples from; the saved EMA weights equal an independent EMA of
+the per-step weights. (EMA and the random options under FULL_SHARD with exact resume: test_fsdp_multiprocess.py.)"""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file
 from train_helpers import base_args, read_metrics, write_synthetic_cache
 
 import sdxl_fsdp_train
-from sdxl_trainer.training import loss, objective
+from sdxl_trainer.training import loss, objective, saving
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +47,26 @@ def _spy(monkeypatch) -> list[dict]:
     return seen
 
 
+def _spy_handoff(monkeypatch) -> dict[int, dict[str, torch.Tensor]]:
+    """The weights handed to evaluation (samples, validation images), by evaluation number."""
+    handed: dict[int, dict[str, torch.Tensor]] = {}
+    real = saving.write_handoff
+
+    def write_handoff(full, handoff_dir):
+        handed[len(handed)] = {k: v.clone() for k, v in full.items()}
+        return real(full, handoff_dir)
+
+    monkeypatch.setattr(saving, "write_handoff", write_handoff)
+    return handed
+
+
+def _checkpoint_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted((checkpoint_dir / "model").glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
 def test_v_prediction_zero_terminal_snr_and_robust_loss_train_and_export(tiny_model_dir, cache_root, tmp_path,
                                                                          monkeypatch):  # fmt: skip
     seen = _spy(monkeypatch)
@@ -53,8 +76,11 @@ def test_v_prediction_zero_terminal_snr_and_robust_loss_train_and_export(tiny_mo
         "--zero_terminal_snr", "--loss_type", "huber", "--huber_c", "0.2", "--snr_gamma", "5",
         "--noise_offset", "0.1", "--noise_offset_random_strength", "--multires_noise_iterations", "3",
         "--input_perturbation", "0.1", "--timestep_sampling", "logit_normal", "--min_timestep", "100",
-        "--max_timestep", "900",
+        "--max_timestep", "900", "--use_ema", "--ema_decay", "0.9", "--save_both_weights", "--checkpointing_steps",
+        "1", "--weight_dtype", "fp32", "--save_samples", "--num_sample_images", "1", "--sample_steps", "1",
+        "--save_samples_every_n_epochs", "1",
     )  # fmt: skip
+    handed_over = _spy_handoff(monkeypatch)
     assert sdxl_fsdp_train.main(argv) == 0
     steps = read_metrics(out)
     assert len(steps) == 3 and all(r["finite"] for r in steps)
@@ -79,28 +105,42 @@ def test_v_prediction_zero_terminal_snr_and_robust_loss_train_and_export(tiny_mo
                  generator=torch.Generator().manual_seed(0), output_type="np").images[0]  # fmt: skip
     assert image.shape == (64, 64, 3) and bool(torch.isfinite(torch.from_numpy(image)).all())
 
+    # EMA on the one-process flat layout: the saved pipeline equals an independent EMA of the per-step weights
+    # (diffusers' decay), the non-EMA pipeline the last weights, and samples were made from the EMA weights.
+    per_step = [_checkpoint_weights(out / "checkpoints" / f"step-{n}") for n in (1, 2, 3)]
+    expected = {}
+    for n, weights in enumerate(per_step, start=1):
+        decay = EMAModel([torch.nn.Parameter(torch.zeros(1))], decay=0.9).get_decay(n)
+        expected = {k: decay * expected[k] + (1 - decay) * w.double() if expected else w.double()
+                    for k, w in weights.items()}  # fmt: skip
+    saved_ema = load_file(str(out / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
+    saved_raw = load_file(str(out / "final-non_ema" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert saved_ema.keys() == expected.keys() == saved_raw.keys()
+    for k in expected:
+        torch.testing.assert_close(saved_ema[k].double(), expected[k], rtol=1e-5, atol=1e-6)
+        assert torch.equal(saved_raw[k], per_step[-1][k]), k
+    assert any(not torch.equal(saved_ema[k], saved_raw[k]) for k in expected)
+    assert (out / "checkpoints" / "step-3" / "extra" / "ema" / "rank0.safetensors").is_file()
+    assert sorted(handed_over) == [0, 1]  # epoch 0 = the base model, epoch 1 = after the 3 steps
+    for k in expected:
+        assert torch.equal(handed_over[1][k], saved_ema[k]), k
 
-def test_epsilon_options_train_and_change_the_loss(tiny_model_dir, cache_root, tmp_path, monkeypatch):
+
+def test_epsilon_options_reach_the_step(tiny_model_dir, cache_root, tmp_path, monkeypatch):
     seen = _spy(monkeypatch)
-    common = ["--max_train_steps", "2", "--no-save_final_model"]
-    plain, opts = tmp_path / "plain", tmp_path / "opts"
-    assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, plain, *common)) == 0
-    n_plain = len(seen)
     argv = base_args(
-        tiny_model_dir, cache_root, opts, *common, "--loss_type", "smooth_l1", "--huber_schedule", "exponential",
-        "--debiased_estimation_loss", "--noise_offset", "0.05", "--timestep_bias_strategy", "range",
-        "--timestep_bias_begin", "0", "--timestep_bias_end", "200", "--timestep_bias_multiplier", "1000",
+        tiny_model_dir, cache_root, tmp_path / "eps", "--max_train_steps", "1", "--no-save_final_model",
+        "--loss_type", "smooth_l1", "--huber_schedule", "exponential", "--debiased_estimation_loss",
+        "--noise_offset", "0.05", "--timestep_bias_strategy", "range", "--timestep_bias_begin", "0",
+        "--timestep_bias_end", "200", "--timestep_bias_multiplier", "1000",
     )  # fmt: skip
     assert sdxl_fsdp_train.main(argv) == 0
-    mine = seen[n_plain:]
-    assert all(s["prediction_type"] == "epsilon" and not s["input_noise"] for s in mine)
-    assert mine[0]["loss_options"]["loss_type"] == "smooth_l1" and mine[0]["loss_options"]["debiased_estimation"]
-    drawn = [t for s in mine for t in s["timesteps"]]
-    assert sum(t < 200 for t in drawn) >= len(drawn) - 1  # the range holds ~99.6% of the probability
-    a, b = read_metrics(plain), read_metrics(opts)
-    assert all(r["finite"] for r in a + b) and a[0]["loss"] != b[0]["loss"]
-    # No option given: the default run's timesteps are uniform draws over the whole range (unchanged stream).
-    assert max(t for s in seen[:n_plain] for t in s["timesteps"]) >= 200
+    assert read_metrics(tmp_path / "eps")[0]["finite"]
+    (s,) = seen
+    assert s["prediction_type"] == "epsilon" and not s["input_noise"]
+    assert s["loss_options"]["loss_type"] == "smooth_l1" and s["loss_options"]["debiased_estimation"]
+    assert s["loss_options"]["huber_schedule"] == "exponential"
+    assert all(t < 200 for t in s["timesteps"])  # the range holds 99.6% of the probability
 
 
 def test_zero_terminal_snr_with_an_epsilon_model_is_refused_naming_the_flag(

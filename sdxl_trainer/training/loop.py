@@ -17,7 +17,7 @@ from sdxl_trainer.data import dataset, sampler
 from sdxl_trainer.distributed import barrier, cleanup
 from sdxl_trainer.training import checkpoint as ckpt
 from sdxl_trainer.training import checkpoint_integrity as integrity
-from sdxl_trainer.training import saving, validation
+from sdxl_trainer.training import ema, saving, validation
 from sdxl_trainer.training.resume_check import ResumeMismatchError
 from sdxl_trainer.training.run_folder import RunFolderError
 from sdxl_trainer.training.run_lock import RunLockError
@@ -38,7 +38,8 @@ REFUSALS = (RunFolderError, RunLockError, ResumeMismatchError, ckpt.CheckpointEr
 
 
 def save_model(tr: Trainer, name: str) -> None:
-    """Gather the full UNet to rank 0 only (collective); rank 0 writes the pipeline and the single file."""
+    """Gather the full UNet to rank 0 only (collective); rank 0 writes the pipeline and the single file. With
+    --use_ema the pipeline holds the EMA weights (unless --no-ema_for_eval); --save_both_weights adds the other."""
     bad = integrity.count_nonfinite(list(tr.optimizer.locals))
     if bad:
         raise TrainingError(
@@ -46,17 +47,21 @@ def save_model(tr: Trainer, name: str) -> None:
             "resume from an earlier checkpoint with a lower --learning_rate"
         )
     tr.progress.saved_model_step = tr.progress.step
-    full = tr.optimizer.full_model_state_dict(tr.unet)
-    if tr.info.is_main_process:
-        a = tr.args
-        out = saving.save_pipeline(
-            a.pretrained_model_name_or_path, full, tr.run_dir / name, a.weight_dtype, a.prediction_type,
-            a.zero_terminal_snr,
-        )  # fmt: skip
-        logger.info(f"saved the {a.weight_dtype} pipeline to {out}")
-        if a.save_single_file:
-            logger.info(f"saved the single-file checkpoint {saving.save_single_file(out, a.weight_dtype)}")
-    del full
+    a = tr.args
+    versions = [(name, tr.ema is not None and a.ema_for_eval)]
+    if tr.ema is not None and a.save_both_weights:
+        versions.append((f"{name}-non_ema" if a.ema_for_eval else f"{name}-ema", not a.ema_for_eval))
+    for folder, use_ema in versions:
+        full = ema.full_state_dict(tr.optimizer, tr.unet, tr.ema, use_ema)
+        if tr.info.is_main_process:
+            out = saving.save_pipeline(
+                a.pretrained_model_name_or_path, full, tr.run_dir / folder, a.weight_dtype, a.prediction_type,
+                a.zero_terminal_snr,
+            )  # fmt: skip
+            logger.info(f"saved the {a.weight_dtype} pipeline ({'EMA' if use_ema else 'trained'} weights) to {out}")
+            if a.save_single_file:
+                logger.info(f"saved the single-file checkpoint {saving.save_single_file(out, a.weight_dtype)}")
+        del full
     barrier()
 
 
@@ -168,6 +173,8 @@ def _run_epoch(tr: Trainer) -> bool:
         s.position += a.gradient_accumulation_steps
         tr.progress.step += 1
         tr.steps_this_launch += 1
+        if tr.ema is not None:
+            tr.ema.update(tr.progress.step)  # after every optimizer step (a skipped one left the weights as they were)
         tr.progress.images_seen += int(weight_total)
         if s.position == len(plan.batches):  # the epoch's last step: the data position moves on before any save
             tr.sampler = next_epoch

@@ -17,6 +17,7 @@ from sdxl_trainer.training import checkpoint as ckpt
 from sdxl_trainer.training import (
     compiling,
     data_setup,
+    ema_args,
     fp8,
     lr_schedule,
     objective_args,
@@ -31,6 +32,7 @@ from sdxl_trainer.training import (
     tensorwise,
     validation,
 )
+from sdxl_trainer.training.ema import EmaError, EmaWeights
 from sdxl_trainer.training.flat_master import FlatMasterOptimizer
 from sdxl_trainer.training.gradient_release import GradientReleaseOptimizer
 from sdxl_trainer.training.run_log import (
@@ -203,10 +205,14 @@ def _build(args: argparse.Namespace, info: DistInfo, run_dir: Path, folder: dict
 
     # Further per-rank training state (EMA weights, ...): named objects with state_dict()/load_state_dict(),
     # registered here before a resume so that checkpoints save and restore them (Trainer.extra_state).
-    extra_state: dict = {}
+    ema = _build_ema(args, info, optimizer)  # before the resume, which restores its shadows
+    extra_state = {"ema": ema} if ema is not None else {}
     progress, sampler = Progress(), SamplerState()
     if resume_path is not None:
-        state = ckpt.load_checkpoint(resume_path, info, unet, optimizer, lr_scheduler, scaler, extra_state)
+        try:
+            state = ckpt.load_checkpoint(resume_path, info, unet, optimizer, lr_scheduler, scaler, extra_state)
+        except EmaError as exc:
+            raise TrainingError(str(exc)) from exc
         # The new flags' learning rate, betas, eps, weight decay and schedule replace the restored ones.
         resume_check.apply_to_optimizer(args, optimizer.param_groups, lr_scheduler)
         if folder["changed"]:
@@ -216,7 +222,6 @@ def _build(args: argparse.Namespace, info: DistInfo, run_dir: Path, folder: dict
         logger.info(
             f"resumed from {resume_path}: step {progress.step}, epoch {sampler.epoch}, batch {sampler.position}"
         )
-
     config = dict(vars(args))
     config.update(
         world_size=info.world_size, num_nodes=info.num_nodes, run_dir=str(run_dir), train_items=len(td.training),
@@ -251,10 +256,25 @@ def _build(args: argparse.Namespace, info: DistInfo, run_dir: Path, folder: dict
     tr = Trainer(
         args, info, run_dir, unet, noise_scheduler, optimizer, lr_scheduler, scaler, td, sampler, progress, log,
         evaluator, handoff, config, mesh.get_group("shard"), objective_args.loss_options(args),
-        run_id=folder["run_id"], extra_state=extra_state,
+        run_id=folder["run_id"], ema=ema, extra_state=extra_state,
     )  # fmt: skip
     if fp8_plan.float8_all_gather:  # each float8 weight's scale for the next all-gather, in one all-reduce
         tr.after_optimizer_step.append(lambda: fp8.precompute_scales(unet))
     if resume_path is not None and resume_path.resolve() == (ckpt.checkpoints_root(run_dir) / resume_path.name):
         tr.weights_checkpoint_step = progress.step  # that folder holds exactly these weights: refresh, not rewrite
     return tr
+
+
+def _build_ema(args: argparse.Namespace, info: DistInfo, optimizer) -> EmaWeights | None:
+    """--use_ema: fp32 shadows of the optimizer's local tensors (the base weights; a resume then restores the
+    checkpoint's EMA into them through `extra_state`)."""
+    if not args.use_ema:
+        return None
+    device = info.device if args.ema_device == "gpu" else torch.device("cpu")
+    try:
+        ema = EmaWeights(optimizer.locals, ema_args.schedule(args), device)
+    except EmaError as exc:
+        raise TrainingError(str(exc)) from exc
+    elements = sum(t.numel() for t in ema.shadows)
+    logger.info(f"EMA of the weights: {elements} fp32 elements on this rank ({device}), {ema_args.schedule(args)}")
+    return ema

@@ -14,6 +14,7 @@ import torch
 from sdxl_trainer.data.sampler import SamplerState
 from sdxl_trainer.distributed import DistInfo
 from sdxl_trainer.training import data_setup, optimizers
+from sdxl_trainer.training.ema import EmaWeights
 from sdxl_trainer.training.flat_master import FlatMasterOptimizer
 from sdxl_trainer.training.run_log import (
     RunLogger,
@@ -74,6 +75,7 @@ class Trainer:
     checkpoint_pending: bool = False  # a checkpoint is due once the epoch boundary's evaluation has run
     last_checkpoint_time: float = field(default_factory=time.monotonic)
     steps_this_launch: int = 0
+    ema: EmaWeights | None = None  # --use_ema
     throughput: Throughput = field(default_factory=Throughput)
     start_time: float = field(default_factory=time.monotonic)
 

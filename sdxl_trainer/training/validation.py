@@ -14,7 +14,7 @@ import torch.distributed as dist
 from sdxl_trainer.data import dataset, sampler
 from sdxl_trainer.distributed import DistInfo, barrier
 from sdxl_trainer.evaluation import evaluator
-from sdxl_trainer.training import loss, objective, saving
+from sdxl_trainer.training import ema, loss, objective, saving
 from sdxl_trainer.training.run_log import TAG_VALIDATION_LOSS, logger
 
 if TYPE_CHECKING:
@@ -102,7 +102,8 @@ def evaluate(tr: Trainer, epoch: int, final: bool = False) -> None:
             tr.progress.best_validation_loss = value if best is None else min(best, value)
             logger.info("epoch %d: validation loss %.6f", epoch, value)
     if tr.evaluator is not None and tr.evaluator.wants_to_run(epoch, final):
-        full = tr.optimizer.full_model_state_dict(tr.unet)  # collective; full on rank 0 only
+        # Collective; full on rank 0 only. The EMA weights with --use_ema (unless --no-ema_for_eval).
+        full = ema.full_state_dict(tr.optimizer, tr.unet, tr.ema, tr.ema is not None and a.ema_for_eval)
         path = saving.write_handoff(full, tr.handoff_dir) if tr.info.is_main_process else None
         del full
         barrier()

@@ -1,0 +1,124 @@
+"""Exponential moving average (EMA) of the trained weights, kept beside the optimizer and laid out like it: one
+fp32 shadow per tensor the optimizer steps (each rank's local shards under FSDP2, the chunks of the flat fp32
+master on one process), so no rank ever holds a full fp32 copy it would not hold anyway.
+
+The decay follows diffusers' `EMAModel.get_decay` (warm-up `(1 + n) / (10 + n)`, or with `--ema_warmup` the power
+schedule `1 - (1 + n / inv_gamma) ** -power`, capped by `--ema_decay`, floored by `--ema_min_decay`), where n counts
+EMA updates; tests compare it with `EMAModel` itself. diffusers' class is not used for the weights because it
+keeps one full copy of the model per process and knows nothing of shards or of the flat master.
+
+For evaluation and saving, `swapped()` exchanges the shadows with the live weights in place (in small chunks,
+exactly), so the optimizer's own full-state-dict gather gathers the EMA weights with no extra copy of the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+SWAP_CHUNK_ELEMENTS = 2**24  # 64 MiB of fp32 per temporary buffer while swapping
+UPDATE_CHUNK_ELEMENTS = 2**26  # one host copy of at most 256 MiB per update chunk with --ema_device cpu
+
+
+class EmaError(RuntimeError):
+    """The EMA cannot be built or resumed as asked; the message names the flag."""
+
+
+@dataclass(frozen=True)
+class EmaSchedule:
+    decay: float = 0.9999
+    min_decay: float = 0.0
+    update_after_step: int = 0
+    warmup: bool = False
+    inv_gamma: float = 1.0
+    power: float = 2 / 3
+    update_every_steps: int = 1
+
+    def decay_at(self, update_count: int) -> float:
+        """The decay of the `update_count`-th EMA update (1-based), as diffusers' EMAModel computes it."""
+        n = max(0, update_count - self.update_after_step - 1)
+        if n <= 0:
+            return 0.0  # the first update copies the weights
+        value = 1 - (1 + n / self.inv_gamma) ** -self.power if self.warmup else (1 + n) / (10 + n)
+        return max(min(value, self.decay), self.min_decay)
+
+
+class EmaWeights:
+    """fp32 shadows of `sources` (the optimizer's local fp32 tensors; aliases the optimizer keeps up to date)."""
+
+    def __init__(self, sources: list[torch.Tensor], schedule: EmaSchedule, device: torch.device):
+        bad = sorted({str(t.dtype) for t in sources if t.dtype != torch.float32})
+        if bad:
+            raise EmaError(
+                f"--use_ema: the trained weights are {', '.join(bad)}, not fp32 master weights; EMA in place of a "
+                "missing fp32 master is not supported: train with fp32 master weights or leave out --use_ema"
+            )
+        self.sources = sources
+        self.schedule = schedule
+        self.device = device
+        self.shadows = [t.detach().to(device, copy=True) for t in sources]
+
+    def layout(self) -> list[list[int]]:
+        return [list(t.shape) for t in self.shadows]
+
+    @torch.no_grad()
+    def update(self, optimizer_step: int) -> float | None:
+        """After optimizer step `optimizer_step` (1-based): every `update_every_steps` steps, shadow <- decay *
+        shadow + (1 - decay) * weights. Returns the decay used, None when this step does not update."""
+        every = self.schedule.update_every_steps
+        if optimizer_step % every:
+            return None
+        decay = self.schedule.decay_at(optimizer_step // every)
+        same_device = all(s.device == t.device for s, t in zip(self.shadows, self.sources, strict=True))
+        if same_device:
+            torch._foreach_lerp_(self.shadows, [t.detach() for t in self.sources], 1 - decay)
+            return decay
+        for shadow, source in zip(self.shadows, self.sources, strict=True):
+            flat_s, flat_t = shadow.view(-1), source.detach().reshape(-1)
+            for start in range(0, flat_s.numel(), UPDATE_CHUNK_ELEMENTS):
+                end = start + UPDATE_CHUNK_ELEMENTS
+                flat_s[start:end].lerp_(flat_t[start:end].to(shadow.device), 1 - decay)
+        return decay
+
+    @torch.no_grad()
+    def _swap(self) -> None:
+        for shadow, source in zip(self.shadows, self.sources, strict=True):
+            flat_s, flat_t = shadow.view(-1), source.detach().view(-1)
+            for start in range(0, flat_s.numel(), SWAP_CHUNK_ELEMENTS):
+                end = start + SWAP_CHUNK_ELEMENTS
+                held = flat_t[start:end].clone()
+                flat_t[start:end].copy_(flat_s[start:end])
+                flat_s[start:end].copy_(held)
+
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Inside: the live master weights are the EMA weights (and the shadows the trained ones); exact on exit.
+        Only the fp32 masters change: use it to gather or save, not to run the model."""
+        self._swap()
+        try:
+            yield
+        finally:
+            self._swap()
+
+    def state_dict(self) -> dict:
+        return {"layout": self.layout(), "schedule_decay": self.schedule.decay, "shadows": self.shadows}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["layout"] != self.layout():
+            raise EmaError(
+                "--resume_from_checkpoint: the checkpoint's EMA weights have another shard layout; resume with the "
+                "same --sharding and number of processes"
+            )
+        for shadow, saved in zip(self.shadows, state["shadows"], strict=True):
+            shadow.copy_(saved)
+
+
+def full_state_dict(optimizer, unet: torch.nn.Module, ema: EmaWeights | None, use_ema: bool) -> dict:
+    """Collective: the full fp32 UNet weights on rank 0 (EMA when `use_ema` and there is one), {} elsewhere."""
+    if ema is None or not use_ema:
+        return optimizer.full_model_state_dict(unet)
+    with ema.swapped():
+        return optimizer.full_model_state_dict(unet)
