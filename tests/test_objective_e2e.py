@@ -6,8 +6,10 @@ the per-step weights. (EMA and the random options under FULL_SHARD with exact re
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+import fake_wandb
 import pytest
 import torch
 from diffusers.training_utils import EMAModel
@@ -132,10 +134,24 @@ def test_epsilon_options_reach_the_step(tiny_model_dir, cache_root, tmp_path, mo
         tiny_model_dir, cache_root, tmp_path / "eps", "--max_train_steps", "1", "--no-save_final_model",
         "--loss_type", "smooth_l1", "--huber_schedule", "exponential", "--debiased_estimation_loss",
         "--noise_offset", "0.05", "--timestep_bias_strategy", "range", "--timestep_bias_begin", "0",
-        "--timestep_bias_end", "200", "--timestep_bias_multiplier", "1000",
+        "--timestep_bias_end", "200", "--timestep_bias_multiplier", "1000", "--report_to", "tensorboard,wandb",
+        "--save_samples", "--num_sample_images", "1", "--sample_steps", "1",
     )  # fmt: skip
+    wandb = fake_wandb.make_module()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
     assert sdxl_fsdp_train.main(argv) == 0
     assert read_metrics(tmp_path / "eps")[0]["finite"]
+    # W&B got what TensorBoard got: the same scalar tags, the sample grid row, and the run summary.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (tb_dir,) = {p.parent for p in (tmp_path / "eps" / "tb").rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    (run,) = wandb.runs
+    logged = {k for record in run.logged for k in record} - {"step", "epoch"}
+    assert logged == set(acc.Tags()["scalars"]) | set(acc.Tags()["images"]) and "Samples/grid row" in logged
+    assert run.summary["optimizer_steps"] == 1 and run.finished
+    assert run.init_kwargs["config"]["loss_type"] == "smooth_l1"
     (s,) = seen
     assert s["prediction_type"] == "epsilon" and not s["input_noise"]
     assert s["loss_options"]["loss_type"] == "smooth_l1" and s["loss_options"]["debiased_estimation"]

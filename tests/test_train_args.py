@@ -45,6 +45,8 @@ TRAINER_FLAGS = [
     "--use_ema", "--ema_decay", "--ema_min_decay", "--ema_update_after_step", "--ema_warmup", "--ema_inv_gamma",
     "--ema_power", "--ema_update_every_steps", "--ema_device", "--ema_for_eval", "--no-ema_for_eval",
     "--save_both_weights",
+    # issue 17a: metrics destinations (training/report_args.py)
+    "--report_to", "--wandb_project", "--wandb_mode",
 ]  # fmt: skip
 # Issue 15 (checkpoints and resumes you can trust): training/run_args.py.
 TRAINER_FLAGS += ["--checkpointing_minutes", "--overwrite_output_dir"]

@@ -247,7 +247,7 @@ def summarize(tr: Trainer, completed: bool) -> dict:
     if tr.info.is_main_process:
         write_json(tr.run_dir / "summary.json", summary)
         if tr.log.tb is not None:
-            tr.log.tb.add_text("Run summary", "\n".join(f"    {k}: {v}" for k, v in summary.items()))
+            tr.log.tb.summary(summary)  # TensorBoard: a text; W&B: the run's summary fields
         logger.info(f"run summary: {summary}")
     return summary
 

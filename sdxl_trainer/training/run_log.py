@@ -62,10 +62,20 @@ class RunLogger:
     """TensorBoard + metrics.jsonl + tqdm, all on rank 0; every call is a no-op elsewhere."""
 
     def __init__(
-        self, enabled: bool, run_dir: Path, tb_dir: Path, total_steps: int, initial_step: int, run_id: str = ""
+        self,
+        enabled: bool,
+        run_dir: Path,
+        tb_dir: Path,
+        total_steps: int,
+        initial_step: int,
+        run_id: str = "",
+        report_to: tuple[str, ...] | list[str] = ("tensorboard",),
+        wandb_settings: dict | None = None,
     ):
         """A resume (`initial_step` > 0) hides TensorBoard events of later steps written by an earlier launch
-        (`purge_step`); metrics.jsonl has already been cut at the checkpoint (run_folder.prepare_resume)."""
+        (`purge_step`); metrics.jsonl has already been cut at the checkpoint (run_folder.prepare_resume).
+        `report_to`: tensorboard and/or wandb; `tb` fans out to each (`wandb_log.Writers`). `wandb_settings`:
+        keyword arguments of `wandb_log.WandbWriter` (project, mode, config)."""
         self.enabled = enabled
         self.run_id = run_id
         self.metrics_lines = 0  # lines in metrics.jsonl: recorded in checkpoints, to cut the file on a resume
@@ -75,11 +85,23 @@ class RunLogger:
         self.metrics_file = None
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
 
-        tb_dir.mkdir(parents=True, exist_ok=True)
-        self.tb = SummaryWriter(str(tb_dir), purge_step=initial_step + 1 if initial_step else None)
+        from sdxl_trainer.training import wandb_log
+
+        writers: list = []
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb_dir.mkdir(parents=True, exist_ok=True)
+            writers.append(SummaryWriter(str(tb_dir), purge_step=initial_step + 1 if initial_step else None))
+        if "wandb" in report_to:
+            wandb_writer = wandb_log.WandbWriter(run_dir, **(wandb_settings or {}))
+            logger.info(f"Weights & Biases: run {wandb_writer.run.id}, {wandb_writer.mode} mode")
+            if wandb_writer.mode == "offline":
+                logger.info(f"W&B is offline: upload later with `wandb sync {run_dir / 'wandb'}/offline-run-*`")
+            writers.append(wandb_writer)
+        self.tb = wandb_log.Writers(writers)
         metrics = run_dir / "metrics.jsonl"
         self.metrics_lines = len(metrics.read_bytes().splitlines()) if metrics.is_file() else 0
         self.metrics_file = open(metrics, "a", encoding="utf-8")  # noqa: SIM115

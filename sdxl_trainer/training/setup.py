@@ -236,7 +236,11 @@ def _build(args: argparse.Namespace, info: DistInfo, run_dir: Path, folder: dict
         run_dir, 4 * shards["global_elements"], info.num_nodes, run_folder.path_tag(run_dir)
     )
     config.update(tensorboard_dir=str(tb_dir), handoff_dir_used=str(handoff))
-    log = RunLogger(info.is_main_process, run_dir, tb_dir, td.total_steps, progress.step, folder["run_id"])
+    wandb_settings = {"project": args.wandb_project or args.project_name, "mode": args.wandb_mode, "config": config}
+    log = RunLogger(
+        info.is_main_process, run_dir, tb_dir, td.total_steps, progress.step, folder["run_id"], args.report_to,
+        wandb_settings,
+    )  # fmt: skip
     if info.is_main_process:
         write_json(run_dir / "config.json", config)
         # One held-out item per line: its dataset cache and image path (relative to the data folder it was cached from)

@@ -286,9 +286,17 @@ def _flag_modules() -> list:
     `add_args(parser)` and `check_args(args)` (raising ValueError naming the flag). A new group of flags is a new
     module with those two functions, listed here."""
     from sdxl_trainer.evaluation import eval_args
-    from sdxl_trainer.training import ema_args, fp8_args, masked_loss_args, memory_args, objective_args, run_args
+    from sdxl_trainer.training import (
+        ema_args,
+        fp8_args,
+        masked_loss_args,
+        memory_args,
+        objective_args,
+        report_args,
+        run_args,
+    )
 
-    return [eval_args, objective_args, fp8_args, run_args, masked_loss_args, memory_args, ema_args]
+    return [eval_args, objective_args, fp8_args, run_args, masked_loss_args, memory_args, ema_args, report_args]
 
 
 WEIGHT_DTYPES = {
