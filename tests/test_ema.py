@@ -86,3 +86,22 @@ def test_bad_ema_flags_fail_at_start_naming_the_flag(tmp_path, capsys, extra, fl
     with pytest.raises(SystemExit):
         train_args.parse_args(["--cached_dataset_dirs", str(tmp_path), *extra])
     assert flag in capsys.readouterr().err
+
+
+def test_full_state_dict_holds_the_ema_even_when_the_gather_returns_live_tensors():
+    """FSDP2 in one CPU process returns the parameters themselves from its full-state-dict gather: the EMA
+    weights must be copied before they are swapped back out."""
+    live = [torch.ones(4), torch.ones(2, 2)]
+
+    class LiveGather:
+        def full_model_state_dict(self, _unet):
+            return {"a": live[0], "b": live[1]}
+
+    ema = ema_mod.EmaWeights(live, ema_mod.EmaSchedule(), torch.device("cpu"))
+    for s in ema.shadows:
+        s.fill_(3.0)
+    full = ema_mod.full_state_dict(LiveGather(), None, ema, use_ema=True)
+    assert torch.equal(full["a"], torch.full((4,), 3.0)) and torch.equal(full["b"], torch.full((2, 2), 3.0))
+    assert torch.equal(live[0], torch.ones(4))  # the trained weights are back
+    raw = ema_mod.full_state_dict(LiveGather(), None, ema, use_ema=False)
+    assert torch.equal(raw["a"], torch.ones(4))

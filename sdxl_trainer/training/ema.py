@@ -23,6 +23,13 @@ SWAP_CHUNK_ELEMENTS = 2**24  # 64 MiB of fp32 per temporary buffer while swappin
 UPDATE_CHUNK_ELEMENTS = 2**26  # one host copy of at most 256 MiB per update chunk with --ema_device cpu
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """The plain fp32 tensor of a trained weight: under `--fp8` with FSDP's float8 all-gather, torchao wraps each
+    float8 weight in a tensor subclass around it (same storage); the EMA averages and swaps the storage itself."""
+    t = t.detach()
+    return t._tensor if type(t).__name__ == "WeightWithDynamicFloat8CastTensor" else t
+
+
 class EmaError(RuntimeError):
     """The EMA cannot be built or resumed as asked; the message names the flag."""
 
@@ -50,7 +57,7 @@ class EmaWeights:
     """fp32 shadows of `sources` (the optimizer's local fp32 tensors; aliases the optimizer keeps up to date)."""
 
     def __init__(self, sources: list[torch.Tensor], schedule: EmaSchedule, device: torch.device):
-        bad = sorted({str(t.dtype) for t in sources if t.dtype != torch.float32})
+        bad = sorted({str(_plain(t).dtype) for t in sources if _plain(t).dtype != torch.float32})
         if bad:
             raise EmaError(
                 f"--use_ema: the trained weights are {', '.join(bad)}, not fp32 master weights; EMA in place of a "
@@ -59,7 +66,7 @@ class EmaWeights:
         self.sources = sources
         self.schedule = schedule
         self.device = device
-        self.shadows = [t.detach().to(device, copy=True) for t in sources]
+        self.shadows = [_plain(t).to(device, copy=True) for t in sources]
 
     def layout(self) -> list[list[int]]:
         return [list(t.shape) for t in self.shadows]
@@ -74,10 +81,10 @@ class EmaWeights:
         decay = self.schedule.decay_at(optimizer_step // every)
         same_device = all(s.device == t.device for s, t in zip(self.shadows, self.sources, strict=True))
         if same_device:
-            torch._foreach_lerp_(self.shadows, [t.detach() for t in self.sources], 1 - decay)
+            torch._foreach_lerp_(self.shadows, [_plain(t) for t in self.sources], 1 - decay)
             return decay
         for shadow, source in zip(self.shadows, self.sources, strict=True):
-            flat_s, flat_t = shadow.view(-1), source.detach().reshape(-1)
+            flat_s, flat_t = shadow.view(-1), _plain(source).reshape(-1)
             for start in range(0, flat_s.numel(), UPDATE_CHUNK_ELEMENTS):
                 end = start + UPDATE_CHUNK_ELEMENTS
                 flat_s[start:end].lerp_(flat_t[start:end].to(shadow.device), 1 - decay)
@@ -86,7 +93,7 @@ class EmaWeights:
     @torch.no_grad()
     def _swap(self) -> None:
         for shadow, source in zip(self.shadows, self.sources, strict=True):
-            flat_s, flat_t = shadow.view(-1), source.detach().view(-1)
+            flat_s, flat_t = shadow.view(-1), _plain(source).view(-1)
             for start in range(0, flat_s.numel(), SWAP_CHUNK_ELEMENTS):
                 end = start + SWAP_CHUNK_ELEMENTS
                 held = flat_t[start:end].clone()
@@ -121,4 +128,7 @@ def full_state_dict(optimizer, unet: torch.nn.Module, ema: EmaWeights | None, us
     if ema is None or not use_ema:
         return optimizer.full_model_state_dict(unet)
     with ema.swapped():
-        return optimizer.full_model_state_dict(unet)
+        full = optimizer.full_model_state_dict(unet)
+        # A gather may return the live tensors themselves (FSDP2 on one CPU process): copy those before swapping back.
+        live = {_plain(t).untyped_storage().data_ptr() for t in ema.sources}
+        return {k: v.clone() if v.untyped_storage().data_ptr() in live else v for k, v in full.items()}
