@@ -72,7 +72,7 @@ def test_ema_and_objective_options_train_full_size_and_resume(tiny_model_dir, tm
     steps = _train(model, cache, out, gpus, batch, *OPTIONS, *ema_device, "--checkpointing_steps", "3")
     _report(f"options + EMA ({'cpu, every 2 steps' if ema_device else 'gpu'})", steps, out)
     assert len(steps) == STEPS and all(r["finite"] for r in steps)
-    ema_files = sorted((out / "checkpoints" / f"step-{STEPS}" / "ema").glob("rank*.safetensors"))
+    ema_files = sorted((out / "checkpoints" / f"step-{STEPS}" / "extra" / "ema").glob("rank*.safetensors"))
     assert len(ema_files) == gpus
     ema_elements = sum(t.numel() for f in ema_files for t in load_file(str(f)).values())
     assert ema_elements == shapes.UNET_PARAMETERS  # the full SDXL UNet, split over the ranks
