@@ -91,8 +91,9 @@ def test_v_prediction_zero_terminal_snr_and_robust_loss_train_and_export(tiny_mo
     for s in train_seen:
         assert s["prediction_type"] == "v_prediction" and s["terminal_alpha_bar"] == 0.0
         assert s["input_noise"] and all(100 <= t < 900 for t in s["timesteps"])
-        assert s["loss_options"] == {"loss_type": "huber", "huber_c": 0.2, "huber_schedule": "snr", "snr_gamma": 5.0,
-                                     "debiased_estimation": False}  # fmt: skip
+        options = {k: v for k, v in s["loss_options"].items() if k != "element_weights"}  # masks: issue 17b
+        assert options == {"loss_type": "huber", "huber_c": 0.2, "huber_schedule": "snr", "snr_gamma": 5.0,
+                           "debiased_estimation": False}  # fmt: skip
 
     # The exported pipeline: diffusers loads it with the trained target and the zero-terminal-SNR schedule.
     from diffusers import StableDiffusionXLPipeline
