@@ -57,16 +57,16 @@ class EmaWeights:
     """fp32 shadows of `sources` (the optimizer's local fp32 tensors; aliases the optimizer keeps up to date)."""
 
     def __init__(self, sources: list[torch.Tensor], schedule: EmaSchedule, device: torch.device):
-        bad = sorted({str(_plain(t).dtype) for t in sources if _plain(t).dtype != torch.float32})
+        bad = sorted({str(_plain(t).dtype) for t in sources if not _plain(t).is_floating_point()})
         if bad:
-            raise EmaError(
-                f"--use_ema: the trained weights are {', '.join(bad)}, not fp32 master weights; EMA in place of a "
-                "missing fp32 master is not supported: train with fp32 master weights or leave out --use_ema"
-            )
+            raise EmaError(f"--use_ema: the trained weights are {', '.join(bad)}, not floating point")
         self.sources = sources
         self.schedule = schedule
         self.device = device
-        self.shadows = [_plain(t).to(device, copy=True) for t in sources]
+        # Always fp32, also over bf16 weights (--master_weights bf16_stochastic): the EMA then keeps the only fp32
+        # copy, sharded like the weights, and small updates are not lost to bf16 rounding.
+        self.shadows = [_plain(t).to(device=device, dtype=torch.float32, copy=True) for t in sources]
+        self.exact_swap = all(_plain(t).dtype == torch.float32 for t in sources)
 
     def layout(self) -> list[list[int]]:
         return [list(t.shape) for t in self.shadows]
@@ -80,14 +80,14 @@ class EmaWeights:
             return None
         decay = self.schedule.decay_at(optimizer_step // every)
         same_device = all(s.device == t.device for s, t in zip(self.shadows, self.sources, strict=True))
-        if same_device:
+        if same_device and self.exact_swap:
             torch._foreach_lerp_(self.shadows, [_plain(t) for t in self.sources], 1 - decay)
             return decay
         for shadow, source in zip(self.shadows, self.sources, strict=True):
             flat_s, flat_t = shadow.view(-1), _plain(source).reshape(-1)
             for start in range(0, flat_s.numel(), UPDATE_CHUNK_ELEMENTS):
                 end = start + UPDATE_CHUNK_ELEMENTS
-                flat_s[start:end].lerp_(flat_t[start:end].to(shadow.device), 1 - decay)
+                flat_s[start:end].lerp_(flat_t[start:end].to(shadow.device, torch.float32), 1 - decay)
         return decay
 
     @torch.no_grad()
@@ -102,13 +102,27 @@ class EmaWeights:
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
-        """Inside: the live master weights are the EMA weights (and the shadows the trained ones); exact on exit.
-        Only the fp32 masters change: use it to gather or save, not to run the model."""
-        self._swap()
+        """Inside: the live master weights hold the EMA weights; exact on exit. Only the masters change: use it to
+        gather or save, not to run the model. fp32 masters exchange values with the shadows in place; bf16 weights
+        (--master_weights bf16_stochastic) get the EMA rounded to bf16 while a copy of theirs waits on the EMA's
+        device (the shadows keep their fp32 values)."""
+        if self.exact_swap:
+            self._swap()
+            try:
+                yield
+            finally:
+                self._swap()
+            return
+        with torch.no_grad():
+            held = [_plain(t).to(self.device, copy=True) for t in self.sources]
+            for shadow, source in zip(self.shadows, self.sources, strict=True):
+                _plain(source).copy_(shadow)
         try:
             yield
         finally:
-            self._swap()
+            with torch.no_grad():
+                for kept, source in zip(held, self.sources, strict=True):
+                    _plain(source).copy_(kept)
 
     def state_dict(self) -> dict:
         return {"layout": self.layout(), "schedule_decay": self.schedule.decay, "shadows": self.shadows}
