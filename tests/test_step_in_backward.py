@@ -4,6 +4,7 @@ without clipping, also with gradient accumulation; bf16 stochastic weights throu
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -30,13 +31,14 @@ def _weights(run) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("accumulation", ["1", "2"])
-def test_the_step_in_backward_gives_the_ordinary_steps_weights(tiny_model_dir, cache_root, tmp_path, accumulation):
+def test_the_step_in_backward_gives_the_ordinary_steps_weights(tiny_model_dir, cache_root, tmp_path):
+    """AdamW, no clipping, accumulation 2 (the hooks step in the second micro-batch's backward only); the released
+    run also uses per-layer FSDP units, which must not change the numbers either."""
     common = ["--max_train_steps", "3", "--no-save_final_model", "--sharding", "full_shard", "--max_grad_norm", "0",
-              "--gradient_accumulation_steps", accumulation]  # fmt: skip
+              "--gradient_accumulation_steps", "2", "--fsdp_units", "blocks"]  # fmt: skip
     ordinary, released = tmp_path / "ordinary", tmp_path / "released"
     assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, ordinary, *common)) == 0
-    flags = [*common, "--optimizer_step_in_backward"]
+    flags = [*common, "--optimizer_step_in_backward", "--fsdp_units", "layers"]
     assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, released, *flags)) == 0
     a, b = read_metrics(ordinary), read_metrics(released)
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-6)
@@ -46,6 +48,8 @@ def test_the_step_in_backward_gives_the_ordinary_steps_weights(tiny_model_dir, c
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-6, atol=1e-7)
     assert json.loads((released / "config.json").read_text())["optimizer_step_in_backward"] is True
+    units = [int(re.search(r"'fsdp_units': (\d+)", (run / "train.log").read_text())[1]) for run in (ordinary, released)]
+    assert units[1] > units[0] + 4  # blocks + the root; then also every transformer layer and resnet
 
 
 @pytest.mark.parametrize("sharding", ["none", "full_shard"])

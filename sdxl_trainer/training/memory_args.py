@@ -20,6 +20,7 @@ RESUME_RULES = {
     "gpu_memory_gib": "may_change",
     "master_weights": "must_match",  # the checkpoint's weights are fp32 masters or bf16 weights
     "optimizer_step_in_backward": "must_match",  # per-tensor optimizer state instead of flat chunks
+    "fsdp_units": "may_change",  # which modules gather together; the shards and their state are the same
 }
 
 
@@ -54,6 +55,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "updated with stochastic rounding (no fp32 copy; needs --mixed_precision bf16) (default: from the plan)",
     )
     g.add_argument(
+        "--fsdp_units",
+        choices=("auto", "blocks", "layers"),
+        default="auto",
+        help="FSDP2 units: blocks (each down/mid/up block) or layers (each transformer layer and resnet as well: "
+        "smaller gathers and gradient buffers; SDXL's first up block holds 1.2 B parameters); auto (default): "
+        f"layers on GPUs under {memory_plan.FSDP_UNITS_AUTO_BELOW_GIB} GiB, blocks otherwise",
+    )
+    g.add_argument(
         "--optimizer_step_in_backward",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -85,8 +94,15 @@ def check_args(args: argparse.Namespace) -> None:
     gpu_gib = args.gpu_memory_gib if args.gpu_memory_gib is not None else _gpu_gib()
     fixed = {f: getattr(args, f) for f in memory_plan.PLAN_FIELDS if f != "cpu_offload"}
     fixed["cpu_offload"] = True if args.cpu_offload else None  # a store_true flag: only "on" is explicit
+    args.fsdp_units = memory_plan.fsdp_units(args.fsdp_units, gpu_gib)
     name, recipe, estimate = memory_plan.choose(
-        args.memory_plan, gpu_gib, args.train_batch_size, world, fixed, _shard_size(args.sharding, world)
+        args.memory_plan,
+        gpu_gib,
+        args.train_batch_size,
+        world,
+        fixed,
+        _shard_size(args.sharding, world),
+        args.fsdp_units,
     )
     for field in memory_plan.PLAN_FIELDS:
         setattr(args, field, getattr(recipe, field))

@@ -15,8 +15,9 @@ explicitly replace the rung's value before the estimate, so they always win and 
 The estimate is per rank, for full-size SDXL base (2.57 B parameters) at 1024 px, from the step's measured peaks
 on an H200 (README, Memory): activations 6.5 GiB per image without checkpointing, 0.41 with it; bytes per
 parameter from the layout (flat one-process: bf16 compute copy + fp32 master, and their gradients; FSDP2:
-sharded over the shard group); plus a fixed allowance for one gathered FSDP unit, kernels' workspaces and the
-allocator's fragmentation. A rung fits when its estimate is within `USABLE_FRACTION` of the card.
+sharded over the shard group, plus the largest FSDP unit's transients, `unit_gib`); plus a fixed allowance for
+kernels' workspaces, one tensor's fp32 copy for stochastic rounding and the allocator's fragmentation. A rung
+fits when its estimate is within `USABLE_FRACTION` of the card.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ GIB = 2**30
 SDXL_UNET_PARAMETERS = 2_567_463_684
 ACTIVATION_GIB_PER_IMAGE = {True: 0.41, False: 6.5}  # by gradient checkpointing, 1024 px (measured, H200)
 FIXED_GIB = 1.5  # workspaces, fragmentation, one tensor's fp32 copy for stochastic rounding
-FSDP_UNIT_GIB = 1.2  # one gathered up/down block in bf16 plus its unsharded gradient (SDXL's largest)
+# Parameters of the largest FSDP unit: SDXL's first up block, or its largest layer (a 1280-channel resnet).
+LARGEST_UNIT_PARAMETERS = {"blocks": 1_206_568_960, "layers": 49_164_800}
+FSDP_UNITS_AUTO_BELOW_GIB = 64  # --fsdp_units auto: layers on smaller cards, blocks (fewer, larger) above
 USABLE_FRACTION = 0.92
 PLANS = ("auto", "fast", "fast_8bit", "fast_bf16", "balanced", "lean", "lean_release", "offload")
 PLAN_FIELDS = ("gradient_checkpointing", "master_weights", "optimizer", "optimizer_step_in_backward", "cpu_offload")
@@ -61,8 +64,24 @@ def uses_fsdp(recipe: Recipe, world_size: int) -> bool:
     return world_size > 1 or recipe.cpu_offload or recipe.optimizer_step_in_backward
 
 
+def fsdp_units(choice: str, gpu_gib: float | None) -> str:
+    """`--fsdp_units auto`: per layer on cards under 64 GiB (the transients of SDXL's 1.2 B-parameter up block
+    would not fit beside the state), per block above (fewer collectives); per block without a GPU (as before)."""
+    if choice != "auto":
+        return choice
+    return "layers" if gpu_gib is not None and gpu_gib < FSDP_UNITS_AUTO_BELOW_GIB else "blocks"
+
+
+def unit_gib(units: str, shard: int) -> float:
+    """Transient memory of the largest FSDP unit in backward: its gathered bf16 weights and unsharded bf16 gradient,
+    plus (sharded over several ranks) the fp32 reduce-scatter input and output. On one rank FSDP2 needs no
+    reduce-scatter buffers (measured: FULL_SHARD on one H200 peaked 2.4 GiB above weights, state and activations)."""
+    n = LARGEST_UNIT_PARAMETERS[units]
+    return n * (2 if shard == 1 else 8 + 4 / shard) / GIB
+
+
 def estimate_gib(recipe: Recipe, batch: int, world_size: int = 1, shard_size: int | None = None,
-                 parameters: int = SDXL_UNET_PARAMETERS) -> float:  # fmt: skip
+                 parameters: int = SDXL_UNET_PARAMETERS, units: str = "layers") -> float:  # fmt: skip
     """Peak GPU memory per rank (GiB) of one training step with `batch` images of 1024 px per rank."""
     shard = shard_size or world_size
     bf16 = recipe.master_weights == "bf16_stochastic"
@@ -75,31 +94,33 @@ def estimate_gib(recipe: Recipe, batch: int, world_size: int = 1, shard_size: in
         weights = 2 if bf16 else 4
         grads = 0 if recipe.optimizer_step_in_backward else weights
         per_param = 0 if recipe.cpu_offload else weights + grads + state
-        model_gib = parameters * per_param / shard / GIB + FSDP_UNIT_GIB
+        model_gib = parameters * per_param / shard / GIB + unit_gib(units, shard)
     activations = batch * ACTIVATION_GIB_PER_IMAGE[recipe.gradient_checkpointing]
     return round(model_gib + activations + FIXED_GIB, 1)
 
 
 def choose(plan: str, gpu_gib: float | None, batch: int, world_size: int = 1, fixed: dict | None = None,
-           shard_size: int | None = None) -> tuple[str, Recipe, float | None]:  # fmt: skip
+           shard_size: int | None = None, units: str = "auto") -> tuple[str, Recipe, float | None]:  # fmt: skip
     """(rung name, recipe, estimate GiB) for `--memory_plan plan`. `fixed`: flags given explicitly (they replace
     the rung's values). `gpu_gib` None = no GPU: `auto` keeps the CPU defaults (`CPU_PLAN`), no estimate."""
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
+    units = fsdp_units(units, gpu_gib)
     if plan not in PLANS:
         raise ValueError(f"--memory_plan: unknown plan {plan!r}; choose one of {', '.join(PLANS)}")
     if plan == "auto" and gpu_gib is None:
         plan = CPU_PLAN
     if plan != "auto":
         recipe = replace(RUNGS[plan], **fixed)
-        return plan, recipe, None if gpu_gib is None else estimate_gib(recipe, batch, world_size, shard_size)
+        estimate = None if gpu_gib is None else estimate_gib(recipe, batch, world_size, shard_size, units=units)
+        return plan, recipe, estimate
     usable = gpu_gib * USABLE_FRACTION
     candidates = [(name, replace(r, **fixed)) for name, r in RUNGS.items()]
     for name, recipe in candidates:
-        est = estimate_gib(recipe, batch, world_size, shard_size)
+        est = estimate_gib(recipe, batch, world_size, shard_size, units=units)
         if est <= usable:
             return name, recipe, est
     name, recipe = candidates[-1]  # nothing fits by the estimate: the leanest, and the log says so
-    return name, recipe, estimate_gib(recipe, batch, world_size, shard_size)
+    return name, recipe, estimate_gib(recipe, batch, world_size, shard_size, units=units)
 
 
 def describe(name: str, recipe: Recipe, estimate: float | None, gpu_gib: float | None, batch: int, world: int) -> str:

@@ -190,6 +190,7 @@ def _build(args: argparse.Namespace, info: DistInfo, run_dir: Path, folder: dict
             args.pretrained_model_name_or_path, info, mesh, args.sharding, args.mixed_precision,
             args.gradient_checkpointing, load_base_weights=resume_path is None, cpu_offload=args.cpu_offload,
             convert=fp8_plan.convert, weights_dtype=torch.bfloat16 if bf16_weights else torch.float32,
+            units=args.fsdp_units,
         )  # fmt: skip
         shards = sharding.verify_sharding(unet, mesh, args.sharding)  # refuses to train if sharding is not in effect
         kind = GradientReleaseOptimizer if args.optimizer_step_in_backward else optimizers.LocalShardOptimizer
