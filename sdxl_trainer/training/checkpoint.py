@@ -216,9 +216,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _check_finite_weights(optimizer, what: str) -> None:
+def _check_finite_weights(optimizer, model: torch.nn.Module, what: str) -> None:
     """Collective: refuse to save (or resume from) non-finite master weights, loudly."""
-    bad = integrity.count_nonfinite(list(optimizer.locals))
+    bad = integrity.count_nonfinite(integrity.master_tensors(optimizer, model))
     if bad:
         raise CheckpointError(
             f"{what}: the weights hold {bad if bad > 0 else 'an uncountable number of'} non-finite values; nothing "
@@ -253,7 +253,7 @@ def save_checkpoint(
     tmp = root / f".tmp-{PREFIX}{step}"
     refresh_only = refresh_only and (final / integrity.MANIFEST).is_file()
     if not refresh_only:
-        _check_finite_weights(optimizer, f"checkpoint at step {step}")
+        _check_finite_weights(optimizer, model, f"checkpoint at step {step}")
     if info.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "optimizer").mkdir(parents=True)
@@ -305,7 +305,7 @@ def load_checkpoint(
     model_sd = optimizer.model_state_dict(model)  # the fp32 master weights, whichever layout holds them
     dcp.load(model_sd, storage_reader=dcp.HuggingFaceStorageReader(str(path / "model")))
     optimizer.load_model_state_dict(model, model_sd)
-    _check_finite_weights(optimizer, f"--resume_from_checkpoint {path}")
+    _check_finite_weights(optimizer, model, f"--resume_from_checkpoint {path}")
     opt_stem = path / "optimizer" / f"rank{info.rank}"
     if state["world_size"] != info.world_size or not opt_stem.with_suffix(".json").is_file():
         raise CheckpointError(

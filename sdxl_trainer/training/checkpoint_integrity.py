@@ -94,6 +94,14 @@ def verify_checkpoint(folder: Path) -> list[str]:
             if actual[rel] != expected[rel]["sha256"]]  # fmt: skip
 
 
+def master_tensors(optimizer, model: torch.nn.Module) -> list[torch.Tensor]:
+    """This rank's master weights: the optimizer's local tensors, or else the local parts of its model state."""
+    tensors = getattr(optimizer, "locals", None)
+    if tensors is None:
+        tensors = [getattr(t, "_local_tensor", t) for t in optimizer.model_state_dict(model).values()]
+    return list(tensors)
+
+
 def count_nonfinite(tensors: list[torch.Tensor]) -> int:
     """Collective: non-finite elements in every rank's `tensors`, summed over all ranks (one all-reduce)."""
     counts = [(~torch.isfinite(t)).sum() for t in tensors if t.is_floating_point() and t.numel()]

@@ -40,7 +40,7 @@ REFUSALS = (RunFolderError, RunLockError, ResumeMismatchError, ckpt.CheckpointEr
 def save_model(tr: Trainer, name: str) -> None:
     """Gather the full UNet to rank 0 only (collective); rank 0 writes the pipeline and the single file. With
     --use_ema the pipeline holds the EMA weights (unless --no-ema_for_eval); --save_both_weights adds the other."""
-    bad = integrity.count_nonfinite(list(tr.optimizer.locals))
+    bad = integrity.count_nonfinite(integrity.master_tensors(tr.optimizer, tr.unet))
     if bad:
         raise TrainingError(
             f"the weights at step {tr.progress.step} hold non-finite values: the {name} pipeline was NOT saved; "
