@@ -150,13 +150,13 @@ def run_trainer(
     profile_out = os.environ.get("BENCH_PROFILE")  # a file: profile three steady-state steps into it
     profiler = None
 
-    def timed_step(tr, micro_batches):
+    def timed_step(tr, micro_batches, *more):  # more: the loop's further arguments (weight_total)
         nonlocal profiler
         if profile_out and len(step_end_times) == warmup_steps:
             profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                           torch.profiler.ProfilerActivity.CUDA])  # fmt: skip
             profiler.__enter__()
-        result = original_step(tr, micro_batches)
+        result = original_step(tr, micro_batches, *more)
         step_end_times.append(time.perf_counter())  # the step ends in a host sync, so this is wall-clock truth
         if profiler is not None and len(step_end_times) == warmup_steps + 3:
             profiler.__exit__(None, None, None)

@@ -35,7 +35,7 @@ TRAINER_FLAGS = [
     "--timestep_bias_multiplier", "--timestep_bias_portion", "--timestep_bias_strategy", "--timestep_sampling",
     "--zero_terminal_snr",
     # issue 18: FP8 matmuls (training/fp8_args.py)
-    "--fp8", "--fp8_min_features",
+    "--fp8", "--fp8_min_features", "--adamw_kernel",
     # issue 17b: masked loss
     "--masked_loss",
     # issue 14: the memory plan (training/memory_args.py)

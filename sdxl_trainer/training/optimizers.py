@@ -145,7 +145,8 @@ def _torch_adamw_factory(args: argparse.Namespace):
             betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_epsilon,
             weight_decay=args.adam_weight_decay,
-            foreach=True,
+            # fused: one kernel reads and writes each element once (--adamw_kernel, step_cost_args.py)
+            **({"fused": True} if getattr(args, "adamw_kernel", "foreach") == "fused" else {"foreach": True}),
         )
 
     return build

@@ -294,9 +294,13 @@ def _flag_modules() -> list:
         objective_args,
         report_args,
         run_args,
+        step_cost_args,
     )
 
-    return [eval_args, objective_args, fp8_args, run_args, masked_loss_args, memory_args, ema_args, report_args]
+    return [
+        eval_args, objective_args, fp8_args, run_args, masked_loss_args, memory_args, ema_args, report_args,
+        step_cost_args,
+    ]  # fmt: skip
 
 
 WEIGHT_DTYPES = {

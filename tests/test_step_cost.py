@@ -1,0 +1,59 @@
+"""Issue 18's cheaper-step levers (training/step_cost_args.py): --adamw_kernel fused is torch's fused AdamW with
+the same state as foreach, so it gives the same updates up to rounding order and a checkpoint moves between them."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import pytest
+import torch
+
+from sdxl_trainer.training import optimizers, train_args
+
+
+def _args(kernel: str) -> argparse.Namespace:
+    return argparse.Namespace(optimizer="adamw", learning_rate=1e-2, adam_beta1=0.9, adam_beta2=0.999,
+                              adam_epsilon=1e-8, adam_weight_decay=1e-2, adamw_kernel=kernel)  # fmt: skip
+
+
+def _tensors(seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (4096, 300, 17)]
+
+
+def _steps(opt, params, count: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(count):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+
+
+def test_fused_adamw_matches_foreach_and_takes_its_state():
+    foreach_params, fused_params = _tensors(), _tensors()
+    foreach = optimizers.inner_factory(_args("foreach"))(foreach_params, [p.numel() for p in foreach_params])
+    fused = optimizers.inner_factory(_args("fused"))(fused_params, [p.numel() for p in fused_params])
+    assert fused.defaults["fused"] and not foreach.defaults.get("fused")
+    _steps(foreach, foreach_params, 5, seed=1)
+    _steps(fused, fused_params, 5, seed=1)
+    for a, b in zip(foreach_params, fused_params, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    # A foreach checkpoint resumed with the fused kernel continues the same run.
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in foreach_params]
+    resumed = optimizers.inner_factory(_args("fused"))(resumed_params, [p.numel() for p in resumed_params])
+    resumed.load_state_dict(copy.deepcopy(foreach.state_dict()))  # as read back from a checkpoint
+    _steps(foreach, foreach_params, 3, seed=2)
+    _steps(resumed, resumed_params, 3, seed=2)
+    for a, b in zip(foreach_params, resumed_params, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_kernel_needs_adamw(tmp_path):
+    args = train_args.parse_args(["--cached_dataset_dirs", str(tmp_path), "--optimizer", "adamw",
+                                  "--adamw_kernel", "fused"])  # fmt: skip
+    assert args.adamw_kernel == "fused"
+    assert train_args.parse_args(["--cached_dataset_dirs", str(tmp_path)]).adamw_kernel == "foreach"
+    with pytest.raises(train_args.ArgsError, match="--adamw_kernel fused .* needs --optimizer adamw"):
+        train_args.validate_args(train_args.build_parser().parse_args(
+            ["--cached_dataset_dirs", str(tmp_path), "--adamw_kernel", "fused"]))  # fmt: skip
