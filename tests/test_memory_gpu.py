@@ -1,0 +1,69 @@
+"""GPU: the memory plans on the tiny model (bf16 stochastic weights on the flat layout with compilation, gradient
+release under FSDP2 with per-layer units): they train, stay finite and keep bf16 weights; and a resume of the
+lean_release plan on one GPU continues exactly (the rounding stream on the GPU is in the checkpoint).
+
+    pytest -m gpu tests/test_memory_gpu.py
+Full-size figures are bench/bench_memory.py's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import base_args, read_metrics, write_synthetic_cache
+
+import sdxl_fsdp_train
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    root = tmp_path_factory.mktemp("cache")
+    write_synthetic_cache(root / "ds", {(64, 64): 9, (64, 96): 7})
+    return root
+
+
+def _argv(model, cache, out, *extra):
+    argv = base_args(model, cache, out, "--mixed_precision", "bf16", "--gpu_memory_gib", "24", *extra)
+    argv.remove("--no-gradient_checkpointing")
+    i = argv.index("--optimizer")
+    del argv[i : i + 2]
+    return argv
+
+
+def _weights(step_dir):
+    out = {}
+    for f in sorted((step_dir / "model").glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.mark.parametrize("plan", ["lean", "lean_release"])
+def test_lean_plans_train_on_the_gpu_with_bf16_weights(tiny_model_dir, cache_root, tmp_path, plan):
+    out = tmp_path / plan
+    extra = ["--memory_plan", plan, "--max_train_steps", "4", "--no-save_final_model", "--compile", "auto"]
+    assert sdxl_fsdp_train.main(_argv(tiny_model_dir, cache_root, out, *extra)) == 0
+    steps = read_metrics(out)
+    assert len(steps) == 4 and all(r["finite"] and r["grad_norm"] > 0 for r in steps)
+    (last,) = sorted((out / "checkpoints").glob("step-*"))
+    assert {v.dtype for v in _weights(last).values()} == {torch.bfloat16}
+
+
+def test_lean_release_resumes_exactly_on_the_gpu(tiny_model_dir, cache_root, tmp_path):
+    common = ["--memory_plan", "lean_release", "--max_train_steps", "4", "--checkpointing_steps", "2",
+              "--no-save_final_model"]  # fmt: skip
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert sdxl_fsdp_train.main(_argv(tiny_model_dir, cache_root, full, *common)) == 0
+    start = str(full / "checkpoints" / "step-2")
+    assert (
+        sdxl_fsdp_train.main(_argv(tiny_model_dir, cache_root, resumed, *common, "--resume_from_checkpoint", start))
+        == 0
+    )
+    a, b = read_metrics(full), read_metrics(resumed)
+    assert [(r["loss"], r["grad_norm"]) for r in b] == [(r["loss"], r["grad_norm"]) for r in a[2:]]
+    wa, wb = _weights(full / "checkpoints" / "step-4"), _weights(resumed / "checkpoints" / "step-4")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
