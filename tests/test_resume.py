@@ -259,3 +259,12 @@ def test_a_step_written_again_is_replaced_whole_and_extra_state_round_trips(tmp_
     with pytest.raises(checkpoint.CheckpointError, match="non-finite"):
         checkpoint.save_checkpoint(tmp_path, 6, info, other, other_opt, other_schedule, None, state, config)
     assert [s for s, _ in checkpoint.step_folders(tmp_path)] == [5]
+
+
+def test_a_step_left_half_replaced_by_a_crash_gets_its_complete_copy_back(tmp_path):
+    old = _checkpoint_folder(tmp_path, 4)
+    os.replace(old, old.with_name(".replaced-step-4"))  # killed between the two renames of _swap_in
+    assert checkpoint.recover_interrupted_swaps(tmp_path) == [
+        "step-4: restored the copy left by a write interrupted while replacing it"
+    ]
+    assert checkpoint.choose_resume_checkpoint("auto", tmp_path) == (old, [])

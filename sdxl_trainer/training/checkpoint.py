@@ -199,13 +199,27 @@ def _write_json_atomic(path: Path, value: object) -> None:
 def _swap_in(tmp: Path, final: Path) -> None:
     """`tmp` becomes `final`; an existing `final` (another trajectory's step, or this run's older write of the
     step) is replaced whole, never merged. A crash between the two renames leaves `.replaced-step-N` and no
-    `step-N`, so `auto` takes the previous checkpoint: never a mix of two writes."""
+    `step-N`: never a mix of two writes; `recover_interrupted_swaps` puts the old copy back."""
     old = final.with_name(f".replaced-{final.name}")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_interrupted_swaps(output_dir: str | Path) -> list[str]:
+    """Rank 0, before choosing a checkpoint: a `.replaced-step-N` without `step-N` (a crash in `_swap_in`) is the
+    complete earlier copy of that step; it becomes `step-N` again (its manifest is verified like any other)."""
+    root, notes = checkpoints_root(output_dir), []
+    for old in sorted(root.glob(f".replaced-{PREFIX}*")) if root.is_dir() else []:
+        final = root / old.name[len(".replaced-") :]
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+            notes.append(f"{final.name}: restored the copy left by a write interrupted while replacing it")
+    return notes
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

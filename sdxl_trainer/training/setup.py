@@ -76,7 +76,9 @@ def _prepare_run_folder(args: argparse.Namespace, info: DistInfo, run_dir: Path)
     release_run_folder(run_dir)  # a lock this process kept from an earlier setup() that never ran to its end
     lock = run_lock.RunLock(run_dir, run_id).acquire()
     try:
-        path, notes = ckpt.choose_resume_checkpoint(args.resume_from_checkpoint, run_dir)
+        notes = ckpt.recover_interrupted_swaps(run_dir)
+        path, chosen_notes = ckpt.choose_resume_checkpoint(args.resume_from_checkpoint, run_dir)
+        notes += chosen_notes
         changed: list[str] = []
         if path is None:
             notes += run_folder.prepare_fresh(run_dir, args.overwrite_output_dir, run_id)
