@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,10 +51,16 @@ BATCH = 8
 
 def write_cache(folder: Path, rows: tuple[int, ...], masks: bool, items: int, smoke: bool) -> None:
     """Random items of one bucket; item i has rows[i % len(rows)] caption rows, and a random mask if asked."""
+    from sdxl_trainer.data.cache_format import CacheError
+    from sdxl_trainer.data.cache_reader import open_dataset_cache
     from sdxl_trainer.data.cache_writer import CacheWriter
 
     if (folder / "cache.json").exists():
-        return
+        try:
+            open_dataset_cache(folder)
+            return
+        except CacheError:  # left by an older version of the code in the same --work_dir: write it anew
+            shutil.rmtree(folder)
     side, context, pooled = (64, 80, 40) if smoke else (1024, 2048, 1280)
     g = torch.Generator().manual_seed(0)
     writer = CacheWriter(folder, fingerprint={"image": {"bench": "masks"}, "text": {"bench": "captions"}})

@@ -19,6 +19,7 @@ import sdxl_process_data_dir
 from sdxl_trainer.caching.caching_args import CachingArgs
 from sdxl_trainer.caching.run import run_caching
 from sdxl_trainer.data import cache_format, cache_reader
+from sdxl_trainer.models import loading
 from sdxl_trainer.training import loop, objective, train_args
 from sdxl_trainer.training.data_setup import DataSetupError
 
@@ -81,7 +82,7 @@ def test_caching_stores_masks_at_latent_resolution_and_captions_with_their_chunk
     assert torch.all(top[:, :4] == 1) and torch.all(top[:, 4:] == 0)  # from the alpha channel
 
 
-def test_an_edited_mask_reencodes_only_its_item(cached, tmp_path, tiny_model_dir):
+def test_an_edited_mask_reencodes_only_its_item(cached, tmp_path, tiny_model_dir, monkeypatch):
     import shutil
 
     data, cache = tmp_path / "data", tmp_path / "cache"
@@ -98,6 +99,14 @@ def test_an_edited_mask_reencodes_only_its_item(cached, tmp_path, tiny_model_dir
     ds = cache_reader.open_dataset_cache(cache / "ds")
     item = {i.image_relpath: i for i in ds.items}["img1.png"]
     assert torch.count_nonzero(ds.load_item_tensors(item)["loss_mask"]) == 0
+    # Back to 77 tokens: only the text is re-encoded (no VAE), the masks stay, the long captions are truncated.
+    monkeypatch.setattr(loading, "load_vae", lambda *a, **k: pytest.fail("the VAE was loaded"))
+    report = run_caching(CachingArgs(**{**args, "max_token_length": 77}))
+    assert report["encoded"] == 6 and report["truncated_captions"] == 4
+    ds = cache_reader.open_dataset_cache(cache / "ds")
+    tensors = {i.image_relpath: ds.load_item_tensors(i) for i in ds.items}
+    assert {name: t["prompt_embeds"].shape[0] for name, t in tensors.items()} == dict.fromkeys(tensors, 77)
+    assert sorted(name for name, t in tensors.items() if "loss_mask" in t) == ["img0.png", "img1.png", "img3.png"]
 
 
 def _model_tensors(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
