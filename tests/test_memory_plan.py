@@ -90,3 +90,13 @@ def test_what_cannot_work_is_refused_at_start_naming_the_flag(tmp_path, capsys, 
     with pytest.raises(SystemExit):
         _parse(tmp_path, *extra)
     assert flag in capsys.readouterr().err
+
+
+def test_an_ema_on_the_gpu_is_counted(tmp_path):
+    base = ["--gpu_memory_gib", "24", "--train_batch_size", "1"]
+    assert _parse(tmp_path, *base).memory_plan_chosen == "lean"
+    # 9.6 GiB of fp32 shadows beside the weights: lean no longer fits, gradient release does.
+    with_ema = _parse(tmp_path, *base, "--use_ema")
+    assert with_ema.memory_plan_chosen == "lean_release" and with_ema.optimizer_step_in_backward
+    assert _parse(tmp_path, *base, "--use_ema", "--ema_device", "cpu").memory_plan_chosen == "lean"
+    assert memory_plan.choose("auto", 24, 8, extra_gib=memory_plan.ema_gib(1))[0] == "offload"

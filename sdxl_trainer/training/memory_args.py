@@ -95,15 +95,12 @@ def check_args(args: argparse.Namespace) -> None:
     fixed = {f: getattr(args, f) for f in memory_plan.PLAN_FIELDS if f != "cpu_offload"}
     fixed["cpu_offload"] = True if args.cpu_offload else None  # a store_true flag: only "on" is explicit
     args.fsdp_units = memory_plan.fsdp_units(args.fsdp_units, gpu_gib)
+    shard = _shard_size(args.sharding, world)
+    on_gpu_ema = getattr(args, "use_ema", False) and getattr(args, "ema_device", "gpu") == "gpu"
     name, recipe, estimate = memory_plan.choose(
-        args.memory_plan,
-        gpu_gib,
-        args.train_batch_size,
-        world,
-        fixed,
-        _shard_size(args.sharding, world),
-        args.fsdp_units,
-    )
+        args.memory_plan, gpu_gib, args.train_batch_size, world, fixed, shard, args.fsdp_units,
+        memory_plan.ema_gib(shard) if on_gpu_ema else 0.0,
+    )  # fmt: skip
     for field in memory_plan.PLAN_FIELDS:
         setattr(args, field, getattr(recipe, field))
     if args.max_grad_norm is None:

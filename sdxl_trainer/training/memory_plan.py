@@ -99,10 +99,17 @@ def estimate_gib(recipe: Recipe, batch: int, world_size: int = 1, shard_size: in
     return round(model_gib + activations + FIXED_GIB, 1)
 
 
+def ema_gib(shard: int, parameters: int = SDXL_UNET_PARAMETERS) -> float:
+    """`--use_ema` on the GPU: fp32 shadows of this rank's shards (training/ema.py)."""
+    return parameters * 4 / shard / GIB
+
+
 def choose(plan: str, gpu_gib: float | None, batch: int, world_size: int = 1, fixed: dict | None = None,
-           shard_size: int | None = None, units: str = "auto") -> tuple[str, Recipe, float | None]:  # fmt: skip
+           shard_size: int | None = None, units: str = "auto",
+           extra_gib: float = 0.0) -> tuple[str, Recipe, float | None]:  # fmt: skip
     """(rung name, recipe, estimate GiB) for `--memory_plan plan`. `fixed`: flags given explicitly (they replace
-    the rung's values). `gpu_gib` None = no GPU: `auto` keeps the CPU defaults (`CPU_PLAN`), no estimate."""
+    the rung's values). `gpu_gib` None = no GPU: `auto` keeps the CPU defaults (`CPU_PLAN`), no estimate.
+    `extra_gib`: memory the plan does not decide but must leave room for (an EMA on the GPU)."""
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
     units = fsdp_units(units, gpu_gib)
     if plan not in PLANS:
@@ -111,16 +118,17 @@ def choose(plan: str, gpu_gib: float | None, batch: int, world_size: int = 1, fi
         plan = CPU_PLAN
     if plan != "auto":
         recipe = replace(RUNGS[plan], **fixed)
-        estimate = None if gpu_gib is None else estimate_gib(recipe, batch, world_size, shard_size, units=units)
-        return plan, recipe, estimate
+        if gpu_gib is None:
+            return plan, recipe, None
+        return plan, recipe, round(estimate_gib(recipe, batch, world_size, shard_size, units=units) + extra_gib, 1)
     usable = gpu_gib * USABLE_FRACTION
     candidates = [(name, replace(r, **fixed)) for name, r in RUNGS.items()]
     for name, recipe in candidates:
-        est = estimate_gib(recipe, batch, world_size, shard_size, units=units)
+        est = round(estimate_gib(recipe, batch, world_size, shard_size, units=units) + extra_gib, 1)
         if est <= usable:
             return name, recipe, est
     name, recipe = candidates[-1]  # nothing fits by the estimate: the leanest, and the log says so
-    return name, recipe, estimate_gib(recipe, batch, world_size, shard_size, units=units)
+    return name, recipe, round(estimate_gib(recipe, batch, world_size, shard_size, units=units) + extra_gib, 1)
 
 
 def describe(name: str, recipe: Recipe, estimate: float | None, gpu_gib: float | None, batch: int, world: int) -> str:
