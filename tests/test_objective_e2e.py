@@ -110,18 +110,14 @@ def test_v_prediction_zero_terminal_snr_and_robust_loss_train_and_export(tiny_mo
 
     # EMA on the one-process flat layout: the saved pipeline equals an independent EMA of the per-step weights
     # (diffusers' decay), the non-EMA pipeline the last weights, and samples were made from the EMA weights.
-    per_step = [_checkpoint_weights(out / "checkpoints" / f"step-{n}") for n in (1, 2, 3)]
-    expected = {}
-    for n, weights in enumerate(per_step, start=1):
-        decay = EMAModel([torch.nn.Parameter(torch.zeros(1))], decay=0.9).get_decay(n)
-        expected = {k: decay * expected[k] + (1 - decay) * w.double() if expected else w.double()
-                    for k, w in weights.items()}  # fmt: skip
+    expected = _independent_ema(out, 3, 0.9)
+    last = _checkpoint_weights(out / "checkpoints" / "step-3")
     saved_ema = load_file(str(out / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
     saved_raw = load_file(str(out / "final-non_ema" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert saved_ema.keys() == expected.keys() == saved_raw.keys()
     for k in expected:
         torch.testing.assert_close(saved_ema[k].double(), expected[k], rtol=1e-5, atol=1e-6)
-        assert torch.equal(saved_raw[k], per_step[-1][k]), k
+        assert torch.equal(saved_raw[k], last[k]), k
     assert any(not torch.equal(saved_ema[k], saved_raw[k]) for k in expected)
     assert (out / "checkpoints" / "step-3" / "extra" / "ema" / "rank0.safetensors").is_file()
     assert sorted(handed_over) == [0, 1]  # epoch 0 = the base model, epoch 1 = after the 3 steps
@@ -166,3 +162,29 @@ def test_zero_terminal_snr_with_an_epsilon_model_is_refused_naming_the_flag(
     # The script prints an expected error as one line and exits 1 (sdxl_trainer.cli, issue 16).
     assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, tmp_path / "r", "--zero_terminal_snr")) == 1
     assert "error: --zero_terminal_snr needs a v-prediction" in capsys.readouterr().err
+
+
+def _independent_ema(run: Path, steps: int, decay_cap: float) -> dict[str, torch.Tensor]:
+    """diffusers' EMAModel decay applied in float64 to the weights of the per-step checkpoints."""
+    expected: dict[str, torch.Tensor] = {}
+    for n in range(1, steps + 1):
+        weights = _checkpoint_weights(run / "checkpoints" / f"step-{n}")
+        decay = EMAModel([torch.nn.Parameter(torch.zeros(1))], decay=decay_cap).get_decay(n)
+        expected = {k: decay * expected[k] + (1 - decay) * w.double() if expected else w.double()
+                    for k, w in weights.items()}  # fmt: skip
+    return expected
+
+
+@pytest.mark.parametrize("strategy", ["shard_grad_op", "no_shard", "hybrid_shard"])
+def test_ema_under_each_fsdp_strategy_equals_an_independent_ema(tiny_model_dir, cache_root, tmp_path, strategy):
+    """One process per strategy (FULL_SHARD with 2 processes: test_objective_multiprocess.py)."""
+    out = tmp_path / strategy
+    argv = base_args(tiny_model_dir, cache_root, out, "--sharding", strategy, "--max_train_steps", "2",
+                     "--checkpointing_steps", "1", "--use_ema", "--ema_decay", "0.5", "--weight_dtype", "fp32",
+                     "--noise_offset", "0.05", "--snr_gamma", "5")  # fmt: skip
+    assert sdxl_fsdp_train.main(argv) == 0
+    expected = _independent_ema(out, 2, 0.5)
+    saved = load_file(str(out / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert saved.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(saved[k].double(), expected[k], rtol=1e-5, atol=1e-6)
