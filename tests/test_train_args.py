@@ -47,6 +47,8 @@ TRAINER_FLAGS = [
     "--save_both_weights",
     # issue 17a: metrics destinations (training/report_args.py)
     "--report_to", "--wandb_project", "--wandb_mode",
+    # issue 16: the VAE the cache was built with, for samples and saved pipelines (training/cache_checks.py)
+    "--vae",
 ]  # fmt: skip
 # Issue 15 (checkpoints and resumes you can trust): training/run_args.py.
 TRAINER_FLAGS += ["--checkpointing_minutes", "--overwrite_output_dir"]
@@ -156,6 +158,7 @@ def test_the_train_sh_recipe_parses(repo_root, tmp_path):
     argv = shlex.split(command)
     argv[argv.index("--mixed_precision") + 1] = "no"
     argv[argv.index("--cached_dataset_dirs") + 1] = str(tmp_path)
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "out")  # not the same VALUE as --data_dir (refused)
     args = train_args.parse_args(argv)
     assert args.resume_from_checkpoint == "auto" and args.validation_loss and args.save_samples
 

@@ -48,6 +48,13 @@ def _identity(
     return out
 
 
+def model_identity(
+    hasher: FileHasher, name_or_path: str, subfolders: list[str | None], single_file_config: str | None = None
+) -> dict:
+    """What identifies a model's parts by content (the trainer compares its own models with a cache's)."""
+    return _identity(hasher, name_or_path, subfolders, single_file_config)
+
+
 def upscale_settings(args: CachingArgs, hasher: FileHasher) -> dict | None:
     if not args.upscale_to_resolution:
         return None
@@ -93,9 +100,11 @@ def build_fingerprint(args: CachingArgs, hasher: FileHasher) -> dict:
             "text_version": TEXT_VERSION,
             **text_extra,
         },
-        "info": {
+        "info": {  # readable, never hashed: the trainer reads vae_path (its --vae default) and data_dir (never written)
             "model": model,
             "vae": args.vae,
+            "vae_path": str(Path(args.vae).resolve()) if args.vae and Path(args.vae).exists() else args.vae,
+            "data_dir": str(Path(args.data_dir).resolve()),
             "upscaler_model": args.upscaler_model and Path(args.upscaler_model).name,
         },
     }

@@ -17,7 +17,7 @@ from sdxl_trainer.data.dataset import (
     resolve_cache_paths,
 )
 from sdxl_trainer.distributed import DistInfo, check_same_on_all_ranks
-from sdxl_trainer.training import lr_schedule, masked_loss_args, objective_args
+from sdxl_trainer.training import cache_checks, lr_schedule, masked_loss_args, objective_args
 from sdxl_trainer.training.run_log import logger
 
 
@@ -75,6 +75,10 @@ def build_training_data(
     caches, entries, problems = load_entries(paths, verify=args.verify_cached_dataset_hash_values)
     resolutions = ("max_resolution", "min_resolution", "upscale_to_resolution")
     check_cache_settings(caches, {name: getattr(args, name) for name in resolutions})
+    try:  # the caches were built by this run's text encoders and VAE (and all by the same ones); fills --vae
+        cache_checks.check_models_and_resolve_vae(args, caches, log=logger.info)
+    except cache_checks.CacheMismatchError as exc:
+        raise DataSetupError(str(exc)) from exc
     for line in problems:
         logger.warning("unreadable cache item left out: %s", line)
     uids = [e.uid for e in entries]

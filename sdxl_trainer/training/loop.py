@@ -56,7 +56,7 @@ def save_model(tr: Trainer, name: str) -> None:
         if tr.info.is_main_process:
             out = saving.save_pipeline(
                 a.pretrained_model_name_or_path, full, tr.run_dir / folder, a.weight_dtype, a.prediction_type,
-                a.zero_terminal_snr,
+                a.zero_terminal_snr, vae=a.vae,
             )  # fmt: skip
             logger.info(f"saved the {a.weight_dtype} pipeline ({'EMA' if use_ema else 'trained'} weights) to {out}")
             if a.save_single_file:

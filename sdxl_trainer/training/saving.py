@@ -77,12 +77,14 @@ def save_pipeline(
     dtype_name: str,
     prediction_type: str | None = None,
     zero_terminal_snr: bool = False,
+    vae: str | None = None,
 ) -> Path:
     """Rank 0: base pipeline + trained UNet, saved as a diffusers folder (written to a temp folder, renamed).
+    `vae`: a VAE folder replacing the base's (the trainer's --vae: the VAE the cache was built with).
     The scheduler is the base's, changed to the trained target and schedule (`prediction.inference_scheduler`)."""
     dtype = DTYPES[dtype_name]
     unet = _unet_from_state_dict(pretrained, full_state_dict, dtype)
-    pipe = loading.load_pipeline(pretrained, torch_dtype=dtype, unet=unet)
+    pipe = loading.load_pipeline(pretrained, vae_override=vae, torch_dtype=dtype, unet=unet)  # vae: the cache's
     pipe.scheduler = prediction.inference_scheduler(pipe.scheduler, prediction_type, zero_terminal_snr)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

@@ -287,6 +287,7 @@ def _flag_modules() -> list:
     module with those two functions, listed here."""
     from sdxl_trainer.evaluation import eval_args
     from sdxl_trainer.training import (
+        cache_checks,
         ema_args,
         fp8_args,
         masked_loss_args,
@@ -299,7 +300,7 @@ def _flag_modules() -> list:
 
     return [
         eval_args, objective_args, fp8_args, run_args, masked_loss_args, memory_args, ema_args, report_args,
-        step_cost_args,
+        step_cost_args, cache_checks,
     ]  # fmt: skip
 
 

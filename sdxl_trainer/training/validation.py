@@ -80,6 +80,7 @@ def build_evaluator(
         info.device,
         tb_writer=tb_writer,
         weight_dtype=saving.DTYPES[args.weight_dtype],
+        vae_override=getattr(args, "vae", None),  # the cache's VAE (training.cache_checks)
         log=logger.info,
     )
 
