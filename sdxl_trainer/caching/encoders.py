@@ -37,7 +37,9 @@ class Encoders:
             if self.device.type == "cuda":
                 torch.backends.cudnn.benchmark = True  # few distinct bucket shapes: tuned kernels pay off
             vae = loading.load_vae(self.args.pretrained_model_name_or_path, self.args.vae)
-            self._vae = vae.to(self.device).eval().requires_grad_(False)
+            # fp32 weights whatever the loaded dtype (a single file's config folder may say float16): on a GPU
+            # autocast computes in --mixed_precision, on a CPU fp16 weights meet fp32 inputs and fail (issue 16).
+            self._vae = vae.to(self.device, dtype=torch.float32).eval().requires_grad_(False)
         return self._vae
 
     @property
@@ -45,7 +47,7 @@ class Encoders:
         if self._text is None:
             text = loading.load_text_encoders(self.args.pretrained_model_name_or_path)
             for encoder in (text.text_encoder, text.text_encoder_2):
-                encoder.to(self.device).eval().requires_grad_(False)
+                encoder.to(self.device, dtype=torch.float32).eval().requires_grad_(False)  # as the VAE, above
             self._text = text
         return self._text
 

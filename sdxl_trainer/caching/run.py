@@ -30,7 +30,7 @@ from sdxl_trainer.caching.fingerprint import build_fingerprint
 from sdxl_trainer.caching.pipeline import Pipeline, UpscalerFactory, Work
 from sdxl_trainer.caching.report import finish_shard, print_report
 from sdxl_trainer.data import cache_format, cache_writer, masks
-from sdxl_trainer.data.buckets import plan_item
+from sdxl_trainer.data.buckets import extreme_aspect, plan_item
 from sdxl_trainer.data.images import (
     DataItem,
     ImageSkip,
@@ -78,6 +78,9 @@ class ImageJobs(Dataset):
             image = as_rgb(oriented)
         except ImageSkip as exc:
             return {**out, "skip": str(exc)}
+        extreme = extreme_aspect(*image.size)
+        if extreme:
+            return {**out, "skip": extreme}
         plan = plan_item(*image.size, args.min_resolution, args.max_resolution, args.upscale_to_resolution,
                          args.upscale_min_factor)  # fmt: skip
         if plan is None:

@@ -24,6 +24,10 @@ from functools import cache
 
 GRID_PX = 64
 MAX_ASPECT = 2.0
+# Beyond twice the buckets' widest aspect (4:1), the centre crop would keep less than half of the image and the
+# short side would be enlarged by plain resampling while original_size still says "native": such an image is
+# skipped with this reason instead (issue 16; `extreme_aspect`).
+MAX_SOURCE_ASPECT = 2 * MAX_ASPECT
 
 
 @cache
@@ -106,6 +110,17 @@ class ItemPlan:
     @property
     def time_ids(self) -> tuple[int, int, int, int, int, int]:
         return (*self.original_size_hw, *self.crop_top_left, *self.target_size_hw)
+
+
+def extreme_aspect(width_px: int, height_px: int) -> str | None:
+    """The reason to skip an image whose aspect ratio is beyond MAX_SOURCE_ASPECT, or None when it fits."""
+    aspect = max(width_px / height_px, height_px / width_px)
+    if aspect <= MAX_SOURCE_ASPECT:
+        return None
+    return (
+        f"extreme aspect ratio {width_px}x{height_px} ({aspect:.1f}:1): beyond {MAX_SOURCE_ASPECT:g}:1 the "
+        f"{MAX_ASPECT:g}:1 buckets would crop away more than half of it; crop it first"
+    )
 
 
 def wants_upscale(

@@ -7,6 +7,7 @@ skipped with a reason (`ImageSkip`), never a crash of the whole run.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import os
@@ -40,20 +41,73 @@ class DataItem:
     mask_path: Path | None = None  # `<stem>.mask.png` beside the image, when there is one (`data.masks`)
 
 
-def read_caption(caption_path: Path) -> tuple[str, str | None]:
-    """(caption text stripped, note). Missing -> ("", note). Raises OSError when it exists but cannot be read."""
+# Byte-order marks, longest first (UTF-32 LE starts with UTF-16 LE's mark).
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def _utf16_without_bom(raw: bytes) -> str | None:
+    """'utf-16-le'/'utf-16-be' when NULs sit in every other byte (ASCII-range text saved as UTF-16, no mark)."""
+    if len(raw) < 2 or len(raw) % 2 or b"\x00" not in raw:
+        return None
+    odd, even = raw[1::2].count(0), raw[0::2].count(0)
+    if odd >= len(raw) // 4 and even == 0:
+        return "utf-16-le"
+    if even >= len(raw) // 4 and odd == 0:
+        return "utf-16-be"
+    return None
+
+
+def decode_caption(raw: bytes) -> tuple[str, str | None]:
+    """(text stripped, note): a byte-order mark decides (UTF-8, UTF-16, UTF-32, as Windows Notepad writes them);
+    else UTF-8, UTF-16 recognised by its NULs, then Windows-1252 and Latin-1 as the last resorts (noted)."""
+    for bom, encoding in _BOMS:
+        if raw.startswith(bom):
+            try:
+                return raw.decode(encoding).strip(), None
+            except UnicodeDecodeError:
+                break  # a mark but not that encoding: fall through to the guesses below
     try:
-        raw = caption_path.read_bytes()
-    except FileNotFoundError:
-        return "", "no caption file: trained with an empty caption"
-    try:
-        return raw.decode("utf-8-sig").strip(), None
+        return raw.decode("utf-8").strip(), None
     except UnicodeDecodeError:
         pass
+    encoding = _utf16_without_bom(raw)
+    if encoding:
+        try:
+            return raw.decode(encoding).strip(), f"caption is {encoding.upper()} without a byte-order mark"
+        except UnicodeDecodeError:
+            pass
     try:
         return raw.decode("cp1252").strip(), "caption is not UTF-8: read as Windows-1252"
     except UnicodeDecodeError:
         return raw.decode("latin-1").strip(), "caption is not UTF-8: read as Latin-1"
+
+
+def read_caption(caption_path: Path | None) -> tuple[str, str | None]:
+    """(caption text stripped, note). Missing -> ("", note). Raises OSError when it exists but cannot be read."""
+    try:
+        if caption_path is None:
+            raise FileNotFoundError
+        raw = caption_path.read_bytes()
+    except FileNotFoundError:
+        return "", "no caption file: trained with an empty caption"
+    return decode_caption(raw)
+
+
+def caption_files(filenames: list[str]) -> dict[str, str]:
+    """stem -> caption file name in one folder: `<stem>.txt`, or `<stem>.TXT`/`.Txt`... (cameras and Windows
+    tools write upper case) when there is no lower-case one."""
+    found: dict[str, str] = {}
+    for name in sorted(filenames):
+        stem, dot, ext = name.rpartition(".")
+        if dot and ext.lower() == "txt" and (stem not in found or ext == "txt"):
+            found[stem] = name
+    return found
 
 
 def discover_items(data_dir: Path) -> tuple[list[DataItem], list[tuple[str, str]]]:
@@ -67,6 +121,7 @@ def discover_items(data_dir: Path) -> tuple[list[DataItem], list[tuple[str, str]
     masks_used: set[Path] = set()
     for folder, dirnames, filenames in os.walk(data_dir):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        captions = caption_files(filenames)
         for name in filenames:
             path = Path(folder) / name
             if name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -80,7 +135,8 @@ def discover_items(data_dir: Path) -> tuple[list[DataItem], list[tuple[str, str]
             if has_mask:
                 masks_used.add(mask)
             try:
-                caption, note = read_caption(path.with_suffix(".txt"))
+                caption_name = captions.get(path.stem)
+                caption, note = read_caption(Path(folder) / caption_name if caption_name else None)
             except OSError as exc:
                 skipped.append((relpath, f"caption unreadable: {exc.strerror or exc}"))
                 continue
