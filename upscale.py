@@ -15,7 +15,7 @@ import sys
 import torch
 
 from sdxl_trainer.arg_types import HelpFormatter
-from sdxl_trainer.upscaling.folders import OUTPUT_FORMATS, upscale_files
+from sdxl_trainer.upscaling.folders import MAX_OUTPUT_PIXELS, MAX_SCALE, OUTPUT_FORMATS, upscale_files
 from sdxl_trainer.upscaling.model_files import UpscalerError
 from sdxl_trainer.upscaling.upscaler import Upscaler
 
@@ -35,6 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--format", choices=sorted(OUTPUT_FORMATS), default="png", help="output file type")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     args = parser.parse_args(argv)
+    if args.scale is not None and not 0 < args.scale <= MAX_SCALE:
+        parser.error(
+            f"--scale {args.scale}: must be in (0, {MAX_SCALE:g}] (outputs over {MAX_OUTPUT_PIXELS} px are refused)"
+        )
     if args.half and not args.device.startswith("cuda"):
         parser.error(f"--half needs a CUDA --device (got --device {args.device})")
     return args

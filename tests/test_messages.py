@@ -138,3 +138,31 @@ def test_a_data_error_under_torchrun_prints_one_line(repo_root, tiny_model_dir, 
     ], done.stderr[-3000:]
     # No traceback from our processes (torchrun's own ChildFailedError summary follows, which no child can stop).
     assert "sdxl_trainer/" not in done.stderr and 'sdxl_fsdp_train.py", line' not in done.stderr
+
+
+def test_a_random_bytes_pth_gets_our_reason_not_torchs_weights_only_advice(tmp_path):
+    from sdxl_trainer.safe_load import safe_torch_load
+
+    bad = tmp_path / "random.pth"
+    bad.write_bytes(os.urandom(4096))
+    with pytest.raises(ValueError, match="random.pth") as info:
+        safe_torch_load(bad)
+    assert "weights_only=False" not in str(info.value) and "set to `False`" not in str(info.value)
+    assert len(str(info.value).splitlines()) == 1
+
+
+def test_upscale_refuses_an_absurd_scale_at_start(repo_root, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("upscale_script", repo_root / "upscale.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--input", "a", "--output", "b", "--model", "m.pth", "--scale", "1000"])
+    assert "--scale 1000" in capsys.readouterr().err
+
+
+def test_metrics_json_goes_beside_the_scored_folder_not_into_the_current_one(tmp_path):
+    from sdxl_trainer.evaluation.folder_metrics import default_output
+
+    assert default_output(tmp_path / "gen") == tmp_path / "gen.metrics.json"

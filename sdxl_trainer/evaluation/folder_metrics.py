@@ -50,7 +50,13 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--kid_subset_size", type=int, default=1000, help="KID: images per subset (clamped to the sets)")
     p.add_argument("--is_splits", type=int, default=10, help="IS: number of splits (clamped to the image count)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--output", type=Path, default=Path(DEFAULT_OUTPUT), help="JSON file to write the results to")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="JSON file to write the results to (default: <generated folder>.metrics.json beside the scored folder; "
+        "never inside the folders that are read)",
+    )
     return p
 
 
@@ -220,6 +226,12 @@ def format_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def default_output(generated: Path) -> Path:
+    """`<folder>.metrics.json` beside the generated folder (not the current folder, which may be anywhere)."""
+    folder = Path(generated).resolve()
+    return folder.with_name(f"{folder.name}.{DEFAULT_OUTPUT}")
+
+
 def write_json_atomic(payload: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
@@ -248,6 +260,7 @@ def main(argv: Sequence[str] | None = None, description: str | None = None) -> i
     for line in payload["notes"]:
         print(line)
     print(format_table(payload))
-    write_json_atomic(payload, args.output)
-    print(f"wrote {args.output}")
+    output = args.output or default_output(args.generated)
+    write_json_atomic(payload, output)
+    print(f"wrote {output}")
     return 0

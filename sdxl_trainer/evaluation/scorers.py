@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from sdxl_trainer.evaluation.score_math import INCEPTION_POOL_DIM, ScoreError
+from sdxl_trainer.safe_load import safe_torch_load
 
 INCEPTION_FILE_NAME = "weights-inception-2015-12-05-6726825d.pth"
 
@@ -125,7 +126,7 @@ def _load_fidelity_inception(path: Path, flag: str) -> torch.nn.Module:
     # torch-fidelity unpickles the file without weights_only; read it safely here and hand it the
     # plain tensors through an in-memory buffer (never executes code from the file).
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = safe_torch_load(path)
     except Exception as exc:  # noqa: BLE001 - re-raised naming the flag
         raise ScoreError(f"{flag}: could not read {path} as a state dict: {exc}") from exc
     buffer = io.BytesIO()
@@ -167,7 +168,7 @@ class LpipsScorer:
 
         path = _require_file(backbone_path, flag, LPIPS_BACKBONE_HINT)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = safe_torch_load(path)
             self.net = detect_lpips_net(state)
         except Exception as exc:  # noqa: BLE001
             raise ScoreError(f"{flag}: {path}: {exc}. Expected {LPIPS_BACKBONE_HINT}") from exc

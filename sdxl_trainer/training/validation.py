@@ -114,7 +114,8 @@ def evaluate(tr: Trainer, epoch: int, final: bool = False) -> None:
             barrier()
             if path is not None:
                 saving.remove_handoff(tr.handoff_dir)
-        tr.log.record({"event": "scores", "epoch": epoch, "step": tr.progress.step, "final": final, **scores})
+        if scores:  # nothing scored (e.g. samples only): no empty score line in metrics.jsonl
+            tr.log.record({"event": "scores", "epoch": epoch, "step": tr.progress.step, "final": final, **scores})
     if not final:
         tr.progress.evaluated_epoch = epoch
     tr.progress.evaluated_step = tr.progress.step

@@ -37,6 +37,10 @@ def list_images(input_path: Path) -> list[Path]:
     return sorted(p for p in input_path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+MAX_SCALE = 16.0  # beyond this the network's detail is gone and the output is plain resampling of it
+MAX_OUTPUT_PIXELS = 2**28  # 16384 x 16384 (about 800 MB as RGB, several GB while resampling)
+
+
 def _is_within(path: Path, folder: Path) -> bool:
     return path.resolve() == folder.resolve() or folder.resolve() in path.resolve().parents
 
@@ -68,8 +72,8 @@ def upscale_files(
         raise UpscalerError(
             f"--output {str(target)!r} is inside --input {str(source)!r}: the input is never written to"
         )
-    if scale is not None and not (scale > 0 and math.isfinite(scale)):
-        raise UpscalerError(f"--scale must be a positive number, got {scale}")
+    if scale is not None and not (0 < scale <= MAX_SCALE and math.isfinite(scale)):
+        raise UpscalerError(f"--scale must be a number in (0, {MAX_SCALE}], got {scale}")
     factor = float(scale) if scale is not None else float(upscaler.scale)
     files = list_images(source)
     root = source if source.is_dir() else source.parent
@@ -104,6 +108,10 @@ def upscale_files(
                 image.load()
         except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for broken files
             report.failed.append((src, f"unreadable image: {exc}"))
+            continue
+        width, height = target_size(image.size, factor)
+        if width * height > MAX_OUTPUT_PIXELS:  # refused here rather than killed for memory while resampling
+            report.failed.append((src, f"output {width}x{height} is over {MAX_OUTPUT_PIXELS} pixels: lower --scale"))
             continue
         pending.append((src, dst, image))
         if len(pending) >= upscaler.batch_size:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from sdxl_trainer.safe_load import safe_torch_load
+
 logger = logging.getLogger(__name__)
 
 
@@ -31,7 +33,7 @@ def read_state_dict(path: Path) -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return safe_torch_load(path)
 
 
 def load_image_model(path: str | os.PathLike, flag: str, device: torch.device, half: bool = False):
