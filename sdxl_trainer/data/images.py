@@ -121,7 +121,7 @@ def discover_items(data_dir: Path) -> tuple[list[DataItem], list[tuple[str, str]
     masks_used: set[Path] = set()
     for folder, dirnames, filenames in os.walk(data_dir):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        captions = caption_files(filenames)
+        captions = caption_files(filenames + dirnames)  # a folder named like a caption is reported unreadable
         for name in filenames:
             path = Path(folder) / name
             if name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
