@@ -2,12 +2,13 @@
 
 Every `DatasetCache.load_item_tensors` checks the item's tensors against the checksum in the index (sha256 over
 names, dtypes, shapes and bytes) and their values (finite, inside fp16's range). This measures, for SDXL-size
-items (1024 px buckets: latents 4x128x128 mean and std, embeddings 77x2048, fp16 as cached), the CPU time per item
-of reading without checks (safetensors load only, which maps the file without touching the data) and with them,
-in one process on one thread (a DataLoader worker does exactly this). In the same run it times one SDXL-base-shaped UNet forward+backward in bf16 on the GPU (random weights,
-batch 8, gradient checkpointing) to express the checks as a share of the step time per image; without a GPU the
-performance.md ceiling (38.5 images/s on an H200) stands in. The checks run in DataLoader workers, beside the
-step, so this share is an upper bound of what they can slow training (it is zero while the workers keep up).
+items (1024 px buckets: latents 4x128x128 mean and std, embeddings 77x2048, fp16 as cached), the CPU time per
+item of reading without checks (safetensors load only, which maps the file without touching the data) and with
+them, in one process on one thread (a DataLoader worker does exactly this). In the same run it times one
+SDXL-base-shaped UNet forward+backward in bf16 on the GPU (random weights, batch 8, gradient checkpointing) to
+express the checks as a share of the step time per image; without a GPU the performance.md ceiling (38.5
+images/s on an H200) stands in. The checks run in DataLoader workers, beside the step, so this share is an
+upper bound of what they can slow training (it is zero while the workers keep up).
 
     python bench/bench_cache_checks.py 2>&1 | grep '^{'
 """
