@@ -226,3 +226,20 @@ def test_unusable_encoder_output_is_refused_at_caching_naming_the_item(cached, t
     assert [s["path"] for s in report["skipped"]] == ["img2.png"]
     assert "non-finite" in report["skipped"][0]["reason"]
     assert report["cached"] == 3
+
+
+@pytest.mark.slow
+def test_a_damaged_item_met_in_training_is_named_skipped_and_counted(tiny_model_dir, tmp_path):
+    from train_helpers import base_args
+
+    import sdxl_fsdp_train
+
+    root = write_synthetic_cache(tmp_path / "cache" / "ds", {(64, 64): 4})
+    bad = cache_reader.open_dataset_cache(root).items[1]
+    _flip_last_byte(root / bad.tensor_file)
+    out = tmp_path / "run"
+    assert sdxl_fsdp_train.main(base_args(tiny_model_dir, tmp_path / "cache", out, "--no-save_final_model")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["completed"] and summary["bad_items_skipped"] == 1 and summary["images_seen"] == 4
+    log = (out / "train.log").read_text()
+    assert f"cache item skipped (not trained, counted): {bad.image_relpath}" in log and "1 damaged cache items" in log
