@@ -62,6 +62,9 @@ def test_a_cache_from_the_same_models_passes_and_another_vae_or_text_encoder_is_
     other_vae = _variant(tiny_model_dir, tmp_path / "other_vae", "vae")
     with pytest.raises(cache_checks.CacheMismatchError, match="not the VAE that built the cache"):
         cache_checks.check_models_and_resolve_vae(_args(other_vae), [same], log=lambda _: None)
+    # The model's own VAE given as --vae (its own folder) is the same VAE.
+    same_vae = argparse.Namespace(**{**vars(_args(tiny_model_dir)), "vae": str(tiny_model_dir / "vae")})
+    cache_checks.check_models_and_resolve_vae(same_vae, [same], log=lambda _: None)
     with pytest.raises(cache_checks.CacheMismatchError, match="--vae"):
         cache_checks.check_models_and_resolve_vae(
             argparse.Namespace(**{**vars(_args(tiny_model_dir)), "vae": str(other_vae / "vae")}), [same], print

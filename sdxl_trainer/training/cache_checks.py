@@ -127,7 +127,7 @@ def check_same_models(caches) -> None:
     for other in caches[1:]:
         for index, part in ((0, "VAE"), (1, "text encoders")):
             a, b = _models(first)[index], _models(other)[index]
-            if a is not None and b is not None and a != b:
+            if _comparable(a, b) and not _same(a, b):
                 raise CacheMismatchError(
                     f"--cached_dataset_dirs: the caches {_described(first)} and {_described(other)} were built with "
                     f"different {part}; re-cache one of them with the other's model"
@@ -139,6 +139,14 @@ def _comparable(a: object, b: object) -> bool:
     if not isinstance(a, dict) or not isinstance(b, dict) or "unresolved" in a or "unresolved" in b:
         return False
     return ("file" in a) == ("file" in b)
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Folder identities compare by their content hashes only: a VAE given as its own folder (`{".": h}`) is the
+    same as a model's `vae` subfolder (`{"vae": h}`) with the same files."""
+    if "file" in a:
+        return a == b
+    return sorted(map(str, a.values())) == sorted(map(str, b.values()))
 
 
 def check_models_and_resolve_vae(args: argparse.Namespace, caches, log=print) -> None:
@@ -159,7 +167,7 @@ def check_models_and_resolve_vae(args: argparse.Namespace, caches, log=print) ->
     hasher = FileHasher(cache.root / HASH_MEMO_FILE)  # read-only here: never saved
     model, config = args.pretrained_model_name_or_path, args.single_file_config
     text = model_identity(hasher, model, ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"], config)
-    if _comparable(text, cached_text) and text != cached_text:
+    if _comparable(text, cached_text) and not _same(text, cached_text):
         raise CacheMismatchError(
             f"--pretrained_model_name_or_path {model}: its text encoders are not those that built the cache "
             f"{_described(cache)}; re-run sdxl_process_data_dir.py with this model, or train with that one"
@@ -172,7 +180,7 @@ def check_models_and_resolve_vae(args: argparse.Namespace, caches, log=print) ->
     else:
         vae = model_identity(hasher, model, ["vae"], config)
         flag = f"--pretrained_model_name_or_path {model} (its VAE; no --vae given)"
-    if _comparable(vae, cached_vae) and vae != cached_vae:
+    if _comparable(vae, cached_vae) and not _same(vae, cached_vae):
         raise CacheMismatchError(
             f"{flag}: not the VAE that built the cache {_described(cache)}; samples and saved pipelines would "
             "decode its latents wrongly: pass --vae with the caching VAE, or re-cache"
