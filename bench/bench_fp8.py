@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -120,14 +118,7 @@ def child(work: Path, name: str, warmup_steps: int, timed_steps: int, smoke: boo
 
 
 def run_child(name: str, common: list[str], profile: bool = False) -> dict:
-    cmd = [sys.executable, __file__, "--child", name, *common, *(["--profile"] if profile else [])]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if os.environ.get("BENCH_LOG_DIR"):
-        (Path(os.environ["BENCH_LOG_DIR"]) / f"{name}.log").write_text(proc.stderr[-2_000_000:])
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        return dict(name=name, error=f"exit {proc.returncode}: {proc.stderr[-600:]}")
-    return json.loads(lines[-1])
+    return bench_train.run_child(["--child", name, *common, *(["--profile"] if profile else [])], script=__file__)
 
 
 def gap_figures(reference: dict, other: dict, window: int = 20) -> dict:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -107,15 +106,9 @@ def run_config(work: Path, name: str, warmup_steps: int, timed_steps: int, smoke
 
 
 def run_child(name: str, work: Path, warmup_steps: int, timed_steps: int, smoke: bool = False) -> dict:
-    argv = [sys.executable, __file__, "--child", name, "--work_dir", str(work), "--warmup_steps", str(warmup_steps),
+    argv = ["--child", name, "--work_dir", str(work), "--warmup_steps", str(warmup_steps),
             "--timed_steps", str(timed_steps), *(["--smoke"] if smoke else [])]  # fmt: skip
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    if os.environ.get("BENCH_LOG_DIR"):
-        (Path(os.environ["BENCH_LOG_DIR"]) / f"{name}.log").write_text(proc.stderr[-2_000_000:])
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        return dict(name=name, error=f"exit {proc.returncode}: {proc.stderr[-600:]}")
-    return json.loads(lines[-1])
+    return bench_train.run_child(argv, script=__file__)
 
 
 def main() -> None:

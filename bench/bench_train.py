@@ -213,10 +213,12 @@ MEMORY_FLAGS = ["--optimizer", "adamw8bit", "--gradient_checkpointing"]
 OFFLOAD_FLAGS = ["--optimizer", "adamw", "--gradient_checkpointing", "--cpu_offload"]
 
 
-def run_child(args: list[str], nproc: int = 1) -> dict:
+def run_child(args: list[str], nproc: int = 1, script: str = __file__) -> dict:
+    """Run `script` (this bench or another using its machinery) with `args` ("--child", name, ...) in a fresh process,
+    so that an out-of-memory configuration cannot take the others down; returns its last JSON line."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                      f"--nproc_per_node={nproc}"]  # fmt: skip
-    proc = subprocess.run([*launcher, __file__, *args], capture_output=True, text=True)
+    proc = subprocess.run([*launcher, script, *args], capture_output=True, text=True)
     if os.environ.get("BENCH_LOG_DIR"):  # the child's log (stderr), e.g. with TORCH_LOGS=recompiles
         (Path(os.environ["BENCH_LOG_DIR"]) / f"{args[1]}.log").write_text(proc.stderr[-2_000_000:])
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
