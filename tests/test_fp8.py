@@ -65,6 +65,39 @@ def test_a_model_without_qualifying_layers_is_refused():
         fp8.convert(torch.nn.Sequential(torch.nn.Linear(64, 64)), "tensorwise", 4096)
 
 
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_token_rows_not_divisible_by_16_are_padded_without_changing_outputs_or_gradients(recipe, monkeypatch):
+    """Batch 2 of a 26 x 38 bucket gives 1976 rows, which FP8 matmuls refuse on a GPU (measured on an H200): the
+    layer pads to a multiple of 16 with zero rows, so its matmuls only ever see such row counts, and the rows kept
+    and the weight gradient equal those of the same input padded by hand."""
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    fp8.convert(layer, recipe, 16)
+    x = torch.randn(3, 5, 64, requires_grad=True)  # 15 rows
+    seen_rows = []
+    inner = fp8.torch.nn.functional.pad
+
+    def spying_pad(t, pad, *args, **kwargs):
+        out = inner(t, pad, *args, **kwargs)
+        seen_rows.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(fp8.torch.nn.functional, "pad", spying_pad)
+    out = layer(x)
+    monkeypatch.undo()
+    assert seen_rows == [16] and out.shape == (3, 5, 32)
+    out.square().sum().backward()
+    grad_weight, grad_x = layer[0].weight.grad.clone(), x.grad.clone()
+
+    layer[0].weight.grad = None
+    by_hand = torch.cat([x.detach().reshape(15, 64), torch.zeros(1, 64)]).requires_grad_()
+    reference = layer(by_hand)[:15]
+    reference.square().sum().backward()
+    torch.testing.assert_close(out.detach().reshape(15, 32), reference.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(grad_weight, layer[0].weight.grad, rtol=0, atol=0)
+    torch.testing.assert_close(grad_x.reshape(15, 64), by_hand.grad[:15], rtol=0, atol=0)
+
+
 def test_flag_checks_and_refusals(tmp_path, monkeypatch):
     def parse(*extra):
         return train_args.parse_args(["--cached_dataset_dirs", str(tmp_path), *extra])

@@ -21,6 +21,7 @@ torch.compile support; writing scaled-matmul casting by hand would copy it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import torch
@@ -111,8 +112,31 @@ def uses_float8_all_gather(recipe: str, sharding: str, plain_fp32_shards: bool) 
     return recipe == "tensorwise" and sharding != "none" and plain_fp32_shards
 
 
-def _contiguous_input(_module: torch.nn.Module, args: tuple) -> tuple:
-    return (args[0].contiguous(), *args[1:])
+FP8_ROW_MULTIPLE = 16  # torch._scaled_mm needs every matmul dimension divisible by 16, the token rows included
+
+
+def _fp8_forward(forward, recipe: str):
+    """Wrap a Float8Linear's forward so that any input shape works.
+
+    Rows: the weight gradient's matmul has the input's rows (batch x tokens) as its inner dimension, which FP8
+    matmuls need divisible by 16; aspect-ratio buckets at small batches are not (batch 2 of a 26 x 38 latent stage:
+    1976 rows, measured on an H200). Such inputs are padded with zero rows, which change neither the output rows
+    kept nor the weight gradient (a zero row adds nothing to x^T g) nor a tensorwise scale (amax of |x|).
+    Layout (rowwise): torchao's row-scaled float8 tensor cannot be copied into a new layout, which `reshape` does
+    for a non-contiguous input (diffusers' proj_in gets a permuted (B, H*W, C) view): make it contiguous in bf16
+    first. Tensorwise copies the float8 tensor instead, at half the bytes, so its inputs are left as they are."""
+
+    @functools.wraps(forward)
+    def fp8_forward(x: torch.Tensor, *args, **kwargs):
+        rows = x.numel() // x.shape[-1]
+        missing = -rows % FP8_ROW_MULTIPLE
+        if not missing:
+            return forward(x.contiguous() if recipe == "rowwise" else x, *args, **kwargs)
+        padded = torch.nn.functional.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, missing))
+        out = forward(padded, *args, **kwargs)
+        return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
+
+    return fp8_forward
 
 
 def convert(unet: torch.nn.Module, recipe: str, min_features: int, fsdp_float8_all_gather: bool = False) -> dict:
@@ -125,12 +149,9 @@ def convert(unet: torch.nn.Module, recipe: str, min_features: int, fsdp_float8_a
     convert_to_float8_training(
         unet, module_filter_fn=module_filter(min_features), config=float8_config(recipe, fsdp_float8_all_gather)
     )
-    if recipe == "rowwise":
-        # torchao's row-scaled float8 tensor cannot be copied into a new layout, which `reshape` does for a
-        # non-contiguous input: diffusers' proj_in gets a permuted (B, H*W, C) view. Make such inputs contiguous
-        # in bf16 first (a no-op for the others). Tensorwise copies the float8 tensor instead, at half the bytes.
-        for name in chosen:
-            unet.get_submodule(name).register_forward_pre_hook(_contiguous_input)
+    for name in chosen:
+        layer = unet.get_submodule(name)
+        layer.forward = _fp8_forward(layer.forward, recipe)
     converted_elements = sum(linears[n].weight.numel() for n in chosen)
     all_elements = sum(m.weight.numel() for m in linears.values())
     report = {
