@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from sdxl_trainer.training import objective
+from sdxl_trainer.training import loss, objective, timesteps
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,9 @@ def test_noise_and_timesteps_are_reproducible_from_the_generator():
 
 
 def test_timesteps_are_uniform_integers_over_the_whole_range():
-    t = objective.sample_timesteps(20000, 1000, torch.Generator().manual_seed(0))
+    sampler = timesteps.TimestepSampler(timesteps.TimestepOptions(), 1000)  # the trainer's default: uniform
+    g = torch.Generator().manual_seed(0)
+    t = torch.stack([sampler.sample(g) for _ in range(20000)])
     assert t.dtype == torch.int64 and t.min() >= 0 and t.max() <= 999
     counts = torch.bincount(t // 100, minlength=10).float()
     assert (counts / counts.mean() - 1).abs().max() < 0.1  # ten bands of 100 timesteps, about equally often
@@ -62,12 +64,9 @@ def test_targets_follow_the_prediction_type(scheduler):
 def test_mse_is_computed_in_fp32_even_for_low_precision_predictions():
     pred = torch.randn(2, 4, 3, 3).bfloat16()
     target = torch.randn(2, 4, 3, 3)
-    loss = objective.mse_loss(pred, target)
-    assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, ((pred.float() - target) ** 2).mean())
-    per = objective.per_sample_mse(pred, target)
-    assert per.shape == (2,)
-    torch.testing.assert_close(per.mean(), loss)
+    per = loss.per_sample_loss(pred, target, torch.tensor([10, 500]), DDPMScheduler())  # l2, no weighting
+    assert per.shape == (2,) and per.dtype == torch.float32
+    torch.testing.assert_close(per.mean(), ((pred.float() - target) ** 2).mean())
 
 
 def test_time_ids_are_one_row_per_sample_in_sdxl_order():

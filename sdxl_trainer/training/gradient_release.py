@@ -66,7 +66,3 @@ class GradientReleaseOptimizer(LocalShardOptimizer):
 
     def step(self, bind: bool = True) -> None:
         """Nothing left to do: every tensor was stepped in backward."""
-
-    def remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()

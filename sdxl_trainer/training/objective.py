@@ -8,17 +8,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 
 def sample_noise(shape: Sequence[int], generator: torch.Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Standard normal noise (DDPM), drawn from `generator` so runs and resumes are reproducible."""
     return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=generator.device)
-
-
-def sample_timesteps(batch_size: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
-    """One integer timestep per sample, uniform over [0, num_train_timesteps)."""
-    return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=generator.device)
 
 
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -42,17 +36,6 @@ def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, times
     if prediction_type == "sample":
         return latents
     raise ValueError(f"unsupported prediction_type {prediction_type!r} in the model's scheduler config")
-
-
-def mse_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over all elements, computed in fp32 whatever the compute dtype was."""
-    return F.mse_loss(prediction.float(), target.float(), reduction="mean")
-
-
-def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(B,) mean squared error of each sample in fp32 (validation loss averages these with weights)."""
-    diff = prediction.float() - target.float()
-    return diff.pow(2).flatten(1).mean(dim=1)
 
 
 def compute_time_ids(
