@@ -147,23 +147,26 @@ def run_trainer(
     step_end_times: list[float] = []
     original_step = loop.train_step  # the loop calls the name it imported (from ...step import train_step)
 
-    profile_out = os.environ.get("BENCH_PROFILE")  # a file: profile three steady-state steps into it
-    profiler = None
+    # A file: profile the last warm-up step into it (host and GPU tables), and add its GPU time by kernel category to
+    # the result. The last warm-up step, so that the timed steps are not slowed by the profiler.
+    profile_out = os.environ.get("BENCH_PROFILE")
+    profiled: dict = {}
 
     def timed_step(tr, micro_batches, *more):  # more: the loop's further arguments (weight_total)
-        nonlocal profiler
-        if profile_out and len(step_end_times) == warmup_steps:
-            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                          torch.profiler.ProfilerActivity.CUDA])  # fmt: skip
-            profiler.__enter__()
-        result = original_step(tr, micro_batches, *more)
-        step_end_times.append(time.perf_counter())  # the step ends in a host sync, so this is wall-clock truth
-        if profiler is not None and len(step_end_times) == warmup_steps + 3:
-            profiler.__exit__(None, None, None)
-            table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-            table += "\n" + profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+        if not (profile_out and len(step_end_times) == warmup_steps - 1):
+            result = original_step(tr, micro_batches, *more)
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            from bench_levers import kernel_summary
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                result = original_step(tr, micro_batches, *more)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+            table += "\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
             Path(profile_out).write_text(table)
-            profiler = None
+            profiled.update(kernel_summary(prof))
+        step_end_times.append(time.perf_counter())  # the step ends in a host sync, so this is wall-clock truth
         return result
 
     step.train_step = timed_step
@@ -198,6 +201,13 @@ def run_trainer(
         from torch._dynamo.utils import counters
 
         result["compiled_graphs"] = counters["stats"]["unique_graphs"]  # --compile (auto may pick none)
+        if cuda:
+            # Near a memory cap the caching allocator frees its cache and retries (a device sync each time).
+            stats = torch.cuda.memory_stats()
+            result.update(peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 1),
+                          alloc_retries=stats.get("num_alloc_retries", 0))  # fmt: skip
+        if profiled:
+            result["profile"] = profiled
     except Exception as exc:  # noqa: BLE001 - an out-of-memory configuration is a result
         result["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     finally:

@@ -133,3 +133,32 @@ def test_local_gradient_clipping_matches_torchs(one_rank_group, max_norm):
     torch.testing.assert_close(got, expected)
     for a, b in zip(plain.parameters(), sharded.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad.full_tensor())
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "lion8bit"])
+def test_the_8bit_step_without_per_tensor_waits_equals_bitsandbytes_own(monkeypatch, name):
+    """Our 8-bit step skips bitsandbytes' device wait after every tensor; the update must be bitsandbytes' own
+    (its own step is what the paged variant still runs)."""
+    import bitsandbytes.optim.optimizer as bnb_optimizer
+
+    def run(own: bool) -> tuple[list[torch.Tensor], int]:
+        waits = []
+        monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda t: waits.append(t))
+        torch.manual_seed(0)
+        tensors = [torch.randn(64, 96, requires_grad=True), torch.randn(5000, requires_grad=True), torch.randn(7)]
+        opt = optimizers.inner_factory(_args(name))(tensors, [t.numel() for t in tensors])
+        opt.is_paged = own  # the paged path runs bitsandbytes' own step
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for t in tensors:
+                t.grad = torch.randn(t.shape, generator=g)
+            opt.step()
+        return [t.detach().clone() for t in tensors], len(waits)
+
+    own, own_waits = run(own=True)
+    ours, our_waits = run(own=False)
+    assert own_waits >= 9 and our_waits == 0  # bitsandbytes waits after each of 3 tensors x 3 steps
+    for a, b in zip(own, ours, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.manual_seed(0)
+    assert not torch.equal(own[0], torch.randn(64, 96))  # the weights moved
