@@ -136,14 +136,18 @@ def _without_per_tensor_waits(optimizer_class: type) -> type:
                 self.check_overrides()
                 self.to_gpu()
                 self.initialized = True
+            stepped = [
+                (gindex, pindex, group, p)
+                for gindex, group in enumerate(self.param_groups)
+                for pindex, p in enumerate(group["params"])
+                if p.grad is not None
+            ]
+            for gindex, pindex, group, p in stepped:
+                if len(self.state[p]) == 0:  # zero-filled on the current stream: before the ordering below
+                    self.init_state(group, p, gindex, pindex)
             with _ordered_with_default_stream(params[0].device):
-                for gindex, group in enumerate(self.param_groups):
-                    for pindex, p in enumerate(group["params"]):
-                        if p.grad is None:
-                            continue
-                        if len(self.state[p]) == 0:
-                            self.init_state(group, p, gindex, pindex)
-                        self.update_step(group, p, gindex, pindex)
+                for gindex, pindex, group, p in stepped:
+                    self.update_step(group, p, gindex, pindex)
             return None
 
     WithoutWaits.__name__ = WithoutWaits.__qualname__ = optimizer_class.__name__
