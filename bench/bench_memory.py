@@ -15,8 +15,8 @@ not written (memory and speed of training steps are measured, not a 15 GB write)
   fake2_lean_B16      same world, the lean plan, batch 16 per rank
   fake8_lean_B16      the lean plan in a world of 8 (fake8_balanced_B8 with --only)
 With --only also: fake8_balanced_B8, cap24_lean_B16 (kohya's batch under the same cap), cap24_lean_release_B16,
-cap24_auto_B8, cap24_lean_B12, lean_B8 and lean_B16 (uncapped: what the cap costs), fake2_balanced_blocks_B8 (--fsdp_units
-blocks).
+cap24_auto_B8, cap24_auto_B16, cap24_lean_B12, lean_B8 and lean_B16 (uncapped: what the cap costs),
+fake2_balanced_blocks_B8 (--fsdp_units blocks).
 Simulated ranks (fake*) are MEMORY figures: their images/s means nothing (no communication happens) and is left out.
 
     python bench/bench_memory.py                       # everything, < 7 minutes

@@ -132,9 +132,10 @@ def run_trainer(
     extra_flags: tuple[str, ...] = (),
 ) -> dict:
     """Child process: run the trainer and time its steady-state optimizer steps."""
-    from sdxl_trainer.training import loop, step
+    from sdxl_trainer.training import allocator, loop, step
     from sdxl_trainer.training.train_args import parse_args
 
+    allocator.prefer_expandable_segments()  # as the trainer does, before the cap below initialises CUDA
     flags = OFFLOAD_FLAGS if name.startswith("offload") else MEMORY_FLAGS
     cfg = CONFIGS.get(name) or dict(batch=int(name.rsplit("_B", 1)[1]), flags=flags)
     if "--sharding" in cfg["flags"]:
@@ -156,9 +157,8 @@ def run_trainer(
         if not (profile_out and len(step_end_times) == warmup_steps - 1):
             result = original_step(tr, micro_batches, *more)
         else:
-            from torch.profiler import ProfilerActivity, profile
-
             from bench_levers import kernel_summary
+            from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 result = original_step(tr, micro_batches, *more)

@@ -4,6 +4,7 @@ checks refuse what the step in backward and bf16 weights cannot do."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from sdxl_trainer.training import memory_plan, train_args
 
@@ -100,3 +101,16 @@ def test_an_ema_on_the_gpu_is_counted(tmp_path):
     assert with_ema.memory_plan_chosen == "lean_release" and with_ema.optimizer_step_in_backward
     assert _parse(tmp_path, *base, "--use_ema", "--ema_device", "cpu").memory_plan_chosen == "lean"
     assert memory_plan.choose("auto", 24, 8, extra_gib=memory_plan.ema_gib(1))[0] == "offload"
+
+
+def test_expandable_segments_are_preferred_unless_the_user_set_the_allocator(monkeypatch):
+    from sdxl_trainer.training import allocator
+
+    monkeypatch.delenv(allocator.ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert allocator.prefer_expandable_segments() == "expandable_segments:True"
+    monkeypatch.setenv(allocator.ENV, "max_split_size_mb:128")
+    assert allocator.prefer_expandable_segments() == "max_split_size_mb:128"
+    monkeypatch.delenv(allocator.ENV)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # too late: PyTorch has read its settings
+    assert allocator.prefer_expandable_segments() is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -13,8 +14,8 @@ import torch
 from sdxl_trainer.data.sampler import SamplerState, mix_seed
 from sdxl_trainer.distributed import DistInfo, barrier, broadcast_object, init_distributed
 from sdxl_trainer.models import loading
-from sdxl_trainer.training import checkpoint as ckpt
 from sdxl_trainer.training import (
+    allocator,
     compiling,
     data_setup,
     ema_args,
@@ -32,6 +33,7 @@ from sdxl_trainer.training import (
     tensorwise,
     validation,
 )
+from sdxl_trainer.training import checkpoint as ckpt
 from sdxl_trainer.training.ema import EmaError, EmaWeights
 from sdxl_trainer.training.flat_master import FlatMasterOptimizer
 from sdxl_trainer.training.gradient_release import GradientReleaseOptimizer
@@ -144,6 +146,8 @@ def _build(args: argparse.Namespace, info: DistInfo, run_dir: Path, folder: dict
     setup_logging(run_dir, info.rank)
     logger.info(f"run id {folder['run_id']} in {run_dir}")
     logger.info(args.memory_plan_summary)
+    if torch.cuda.is_available():
+        logger.info(f"CUDA allocator: {allocator.ENV}={os.environ.get(allocator.ENV, '(PyTorch default)')}")
     for line in folder["notes"]:
         logger.warning(line)
     for flag in getattr(args, "ignored_flags", []):

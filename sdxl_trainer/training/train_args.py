@@ -16,7 +16,7 @@ import torch
 
 from sdxl_trainer.arg_types import HelpFormatter, fraction, non_negative_int, positive_int
 from sdxl_trainer.models import loading
-from sdxl_trainer.training import compiling
+from sdxl_trainer.training import allocator, compiling
 
 LR_SCHEDULERS = (
     "linear",
@@ -379,6 +379,7 @@ def run_name(args: argparse.Namespace, world_size: int) -> str:
 
 def parse_args(argv: Sequence[str] | None = None, description: str | None = None) -> argparse.Namespace:
     """Parse and validate; a bad flag exits with argparse's usage message naming it."""
+    allocator.prefer_expandable_segments()  # before the memory plan's first look at the GPU initialises CUDA
     parser = build_parser(description)
     args = parser.parse_args(argv)
     try:
