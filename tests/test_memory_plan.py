@@ -107,6 +107,7 @@ def test_expandable_segments_are_preferred_unless_the_user_set_the_allocator(mon
     from sdxl_trainer.training import allocator
 
     monkeypatch.delenv(allocator.ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     assert allocator.prefer_expandable_segments() == "expandable_segments:True"
     monkeypatch.setenv(allocator.ENV, "max_split_size_mb:128")

@@ -18,8 +18,8 @@ EXPANDABLE = "expandable_segments:True"
 
 
 def prefer_expandable_segments() -> str | None:
-    """Set `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` if the user set nothing and CUDA is not yet initialised;
-    returns the setting in force for the log (None: the allocator keeps PyTorch's default)."""
-    if ENV not in os.environ and not torch.cuda.is_initialized():
+    """Set `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` on a CUDA machine if the user set nothing and CUDA is
+    not yet initialised; returns the setting in force for the log (None: the allocator keeps PyTorch's default)."""
+    if ENV not in os.environ and torch.cuda.is_available() and not torch.cuda.is_initialized():
         os.environ[ENV] = EXPANDABLE
     return os.environ.get(ENV)
