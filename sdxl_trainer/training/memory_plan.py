@@ -80,8 +80,17 @@ def unit_gib(units: str, shard: int) -> float:
     return n * (2 if shard == 1 else 8 + 4 / shard) / GIB
 
 
+def activation_gib_per_image(gradient_checkpointing: bool, checkpointed_fraction: float = 1.0) -> float:
+    """Activations per 1024-px image. With part of the transformer blocks not checkpointed
+    (`--gradient_checkpointing_fraction`), their share of the difference is counted as if every activation the
+    checkpointing saves lived in transformer blocks: an upper bound (resnets stay checkpointed; not measured)."""
+    full, low = ACTIVATION_GIB_PER_IMAGE[False], ACTIVATION_GIB_PER_IMAGE[True]
+    return low + (1.0 - checkpointed_fraction) * (full - low) if gradient_checkpointing else full
+
+
 def estimate_gib(recipe: Recipe, batch: int, world_size: int = 1, shard_size: int | None = None,
-                 parameters: int = SDXL_UNET_PARAMETERS, units: str = "layers") -> float:  # fmt: skip
+                 parameters: int = SDXL_UNET_PARAMETERS, units: str = "layers",
+                 checkpointed_fraction: float = 1.0) -> float:  # fmt: skip
     """Peak GPU memory per rank (GiB) of one training step with `batch` images of 1024 px per rank."""
     shard = shard_size or world_size
     bf16 = recipe.master_weights == "bf16_stochastic"
@@ -95,7 +104,7 @@ def estimate_gib(recipe: Recipe, batch: int, world_size: int = 1, shard_size: in
         grads = 0 if recipe.optimizer_step_in_backward else weights
         per_param = 0 if recipe.cpu_offload else weights + grads + state
         model_gib = parameters * per_param / shard / GIB + unit_gib(units, shard)
-    activations = batch * ACTIVATION_GIB_PER_IMAGE[recipe.gradient_checkpointing]
+    activations = batch * activation_gib_per_image(recipe.gradient_checkpointing, checkpointed_fraction)
     return round(model_gib + activations + FIXED_GIB, 1)
 
 
@@ -105,13 +114,21 @@ def ema_gib(shard: int, parameters: int = SDXL_UNET_PARAMETERS) -> float:
 
 
 def choose(plan: str, gpu_gib: float | None, batch: int, world_size: int = 1, fixed: dict | None = None,
-           shard_size: int | None = None, units: str = "auto",
-           extra_gib: float = 0.0) -> tuple[str, Recipe, float | None]:  # fmt: skip
+           shard_size: int | None = None, units: str = "auto", extra_gib: float = 0.0,
+           checkpointed_fraction: float = 1.0) -> tuple[str, Recipe, float | None]:  # fmt: skip
     """(rung name, recipe, estimate GiB) for `--memory_plan plan`. `fixed`: flags given explicitly (they replace
     the rung's values). `gpu_gib` None = no GPU: `auto` keeps the CPU defaults (`CPU_PLAN`), no estimate.
-    `extra_gib`: memory the plan does not decide but must leave room for (an EMA on the GPU)."""
+    `extra_gib`: memory the plan does not decide but must leave room for (an EMA on the GPU).
+    `checkpointed_fraction`: `--gradient_checkpointing_fraction` (given by the user; the plan never lowers it)."""
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
     units = fsdp_units(units, gpu_gib)
+
+    def estimate(recipe: Recipe) -> float:
+        gib = estimate_gib(
+            recipe, batch, world_size, shard_size, units=units, checkpointed_fraction=checkpointed_fraction
+        )
+        return round(gib + extra_gib, 1)
+
     if plan not in PLANS:
         raise ValueError(f"--memory_plan: unknown plan {plan!r}; choose one of {', '.join(PLANS)}")
     if plan == "auto" and gpu_gib is None:
@@ -120,15 +137,15 @@ def choose(plan: str, gpu_gib: float | None, batch: int, world_size: int = 1, fi
         recipe = replace(RUNGS[plan], **fixed)
         if gpu_gib is None:
             return plan, recipe, None
-        return plan, recipe, round(estimate_gib(recipe, batch, world_size, shard_size, units=units) + extra_gib, 1)
+        return plan, recipe, estimate(recipe)
     usable = gpu_gib * USABLE_FRACTION
     candidates = [(name, replace(r, **fixed)) for name, r in RUNGS.items()]
     for name, recipe in candidates:
-        est = round(estimate_gib(recipe, batch, world_size, shard_size, units=units) + extra_gib, 1)
+        est = estimate(recipe)
         if est <= usable:
             return name, recipe, est
     name, recipe = candidates[-1]  # nothing fits by the estimate: the leanest, and the log says so
-    return name, recipe, round(estimate_gib(recipe, batch, world_size, shard_size, units=units) + extra_gib, 1)
+    return name, recipe, estimate(recipe)
 
 
 def describe(name: str, recipe: Recipe, estimate: float | None, gpu_gib: float | None, batch: int, world: int) -> str:

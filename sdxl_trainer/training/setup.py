@@ -184,8 +184,9 @@ def _build(args: argparse.Namespace, info: DistInfo, run_dir: Path, folder: dict
         inner = tensorwise.factory(inner, args.learning_rate, bf16_weights, gen)
     if args.sharding == "none":
         unet = sharding.build_single_process_unet(
-            args.pretrained_model_name_or_path, args.gradient_checkpointing, load_base_weights=resume_path is None
-        )
+            args.pretrained_model_name_or_path, args.gradient_checkpointing, load_base_weights=resume_path is None,
+            checkpointed_fraction=args.gradient_checkpointing_fraction,
+        )  # fmt: skip
         fp8_plan.convert(unet)  # before the flat layout: Float8Linear keeps the same parameter objects
         compute = sharding.COMPUTE_DTYPES[args.mixed_precision]
         optimizer = FlatMasterOptimizer(unet, args.optimizer, inner, compute, info.device, bf16_weights)
@@ -196,7 +197,7 @@ def _build(args: argparse.Namespace, info: DistInfo, run_dir: Path, folder: dict
             args.pretrained_model_name_or_path, info, mesh, args.sharding, args.mixed_precision,
             args.gradient_checkpointing, load_base_weights=resume_path is None, cpu_offload=args.cpu_offload,
             convert=fp8_plan.convert, weights_dtype=torch.bfloat16 if bf16_weights else torch.float32,
-            units=args.fsdp_units,
+            units=args.fsdp_units, checkpointed_fraction=args.gradient_checkpointing_fraction,
         )  # fmt: skip
         shards = sharding.verify_sharding(unet, mesh, args.sharding)  # refuses to train if sharding is not in effect
         kind = GradientReleaseOptimizer if args.optimizer_step_in_backward else optimizers.LocalShardOptimizer

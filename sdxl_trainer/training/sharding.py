@@ -26,6 +26,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from sdxl_trainer.distributed import DistInfo
+from sdxl_trainer.training import partial_checkpointing
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
 
@@ -83,10 +84,11 @@ def unet_blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
-def apply_activation_checkpointing(unet: torch.nn.Module) -> None:
+def apply_activation_checkpointing(unet: torch.nn.Module, fraction: float = 1.0) -> None:
     """diffusers' own per-resnet/per-transformer checkpointing: it recomputes inside each FSDP unit, whose
-    parameters FSDP2 has already gathered for the backward pass, so both compose."""
-    unet.enable_gradient_checkpointing()
+    parameters FSDP2 has already gathered for the backward pass, so both compose. `fraction`: of the transformer
+    blocks checkpointed (partial_checkpointing.py)."""
+    partial_checkpointing.enable(unet, fraction)
 
 
 # FSDP units finer than a block (`--fsdp_units layers`): SDXL's first up block alone holds 1.21 B of the 2.57 B
@@ -182,6 +184,7 @@ def build_sharded_unet(
     convert=None,
     weights_dtype: torch.dtype = torch.float32,
     units: str = "blocks",
+    checkpointed_fraction: float = 1.0,
 ) -> torch.nn.Module:
     """The UNet built on the meta device, sharded, then filled with the base weights streamed from rank 0.
     `convert(unet)`, if given, changes module types before sharding (FP8 linear layers, training/fp8.py).
@@ -202,7 +205,7 @@ def build_sharded_unet(
     if convert is not None:
         convert(unet)
     if gradient_checkpointing:
-        apply_activation_checkpointing(unet)
+        apply_activation_checkpointing(unet, checkpointed_fraction)
     apply_fsdp(unet, mesh, strategy, build_mp_policy(mixed_precision), cpu_offload, units)
     unet.to_empty(device="cpu" if cpu_offload else info.device)
     if load_base_weights:
@@ -212,7 +215,8 @@ def build_sharded_unet(
     return unet
 
 
-def build_single_process_unet(pretrained: str, gradient_checkpointing: bool, load_base_weights: bool = True):
+def build_single_process_unet(pretrained: str, gradient_checkpointing: bool, load_base_weights: bool = True,
+                              checkpointed_fraction: float = 1.0):  # fmt: skip
     """The UNet for `--sharding none`: fp32 weights on the CPU (the base model's, or uninitialized when a
     checkpoint will fill them), for `flat_master.FlatMasterOptimizer` to move into its flat buffers."""
     from diffusers import UNet2DConditionModel
@@ -227,5 +231,5 @@ def build_single_process_unet(pretrained: str, gradient_checkpointing: bool, loa
         unet.to_empty(device="cpu")
     unet.train()
     if gradient_checkpointing:
-        apply_activation_checkpointing(unet)
+        apply_activation_checkpointing(unet, checkpointed_fraction)
     return unet
