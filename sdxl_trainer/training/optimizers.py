@@ -129,23 +129,22 @@ def _without_per_tensor_waits(optimizer_class: type) -> type:
     class WithoutWaits(optimizer_class):
         @torch.no_grad()
         def step(self, closure=None):
-            params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-            if self.is_paged or not params:
-                return super().step(closure)
-            if not self.initialized:
-                self.check_overrides()
-                self.to_gpu()
-                self.initialized = True
             stepped = [
                 (gindex, pindex, group, p)
                 for gindex, group in enumerate(self.param_groups)
                 for pindex, p in enumerate(group["params"])
                 if p.grad is not None
             ]
+            if self.is_paged or not stepped:
+                return super().step(closure)
+            if not self.initialized:
+                self.check_overrides()
+                self.to_gpu()
+                self.initialized = True
             for gindex, pindex, group, p in stepped:
                 if len(self.state[p]) == 0:  # zero-filled on the current stream: before the ordering below
                     self.init_state(group, p, gindex, pindex)
-            with _ordered_with_default_stream(params[0].device):
+            with _ordered_with_default_stream(stepped[0][3].device):
                 for gindex, pindex, group, p in stepped:
                     self.update_step(group, p, gindex, pindex)
             return None

@@ -84,13 +84,6 @@ def unet_blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
-def apply_activation_checkpointing(unet: torch.nn.Module, fraction: float = 1.0) -> None:
-    """diffusers' own per-resnet/per-transformer checkpointing: it recomputes inside each FSDP unit, whose
-    parameters FSDP2 has already gathered for the backward pass, so both compose. `fraction`: of the transformer
-    blocks checkpointed (partial_checkpointing.py)."""
-    partial_checkpointing.enable(unet, fraction)
-
-
 # FSDP units finer than a block (`--fsdp_units layers`): SDXL's first up block alone holds 1.21 B of the 2.57 B
 # parameters, so a block-sized unit means gathering 2.4 GB of bf16 weights and, in backward, its unsharded
 # gradient plus fp32 reduce-scatter buffers (~11 GiB per rank in a world of 2): more than a 24 GiB card can spare.
@@ -205,7 +198,9 @@ def build_sharded_unet(
     if convert is not None:
         convert(unet)
     if gradient_checkpointing:
-        apply_activation_checkpointing(unet, checkpointed_fraction)
+        # diffusers' per-resnet/per-transformer checkpointing recomputes inside each FSDP unit, whose parameters
+        # FSDP2 has already gathered for the backward pass, so both compose.
+        partial_checkpointing.enable(unet, checkpointed_fraction)
     apply_fsdp(unet, mesh, strategy, build_mp_policy(mixed_precision), cpu_offload, units)
     unet.to_empty(device="cpu" if cpu_offload else info.device)
     if load_base_weights:
@@ -231,5 +226,5 @@ def build_single_process_unet(pretrained: str, gradient_checkpointing: bool, loa
         unet.to_empty(device="cpu")
     unet.train()
     if gradient_checkpointing:
-        apply_activation_checkpointing(unet, checkpointed_fraction)
+        partial_checkpointing.enable(unet, checkpointed_fraction)
     return unet
