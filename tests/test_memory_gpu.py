@@ -67,3 +67,33 @@ def test_lean_release_resumes_exactly_on_the_gpu(tiny_model_dir, cache_root, tmp
     assert [(r["loss"], r["grad_norm"]) for r in b] == [(r["loss"], r["grad_norm"]) for r in a[2:]]
     wa, wb = _weights(full / "checkpoints" / "step-4"), _weights(resumed / "checkpoints" / "step-4")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_the_8bit_step_on_a_side_stream_sees_the_gradient_written_there():
+    """The step in backward runs on FSDP2's reduce-scatter stream, bitsandbytes launches on the default stream: the
+    update must wait for the gradient still being written on the side stream (a race found on the H200), without
+    the host waiting (bitsandbytes' own per-tensor synchronize is skipped)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    import argparse
+
+    from sdxl_trainer.training import optimizers
+
+    args = argparse.Namespace(optimizer="adamw8bit", learning_rate=1e-2, adam_beta1=0.9, adam_beta2=0.999,
+                              adam_epsilon=1e-8, adam_weight_decay=0.0)  # fmt: skip
+
+    def step(on_side_stream: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        weight = torch.randn(4096, 4096, device="cuda", requires_grad=True)
+        opt = optimizers.inner_factory(args)([weight], [weight.numel()])
+        a = torch.randn(4096, 4096, device="cuda")
+        torch.cuda.synchronize()
+        stream = torch.cuda.Stream() if on_side_stream else torch.cuda.current_stream()
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                weight.grad = (a @ a).div_(4096)  # a slow producer, still running when the step is launched
+                opt.step()
+        torch.cuda.synchronize()
+        return weight.detach().clone()
+
+    torch.testing.assert_close(step(on_side_stream=True), step(on_side_stream=False), rtol=0, atol=0)
