@@ -119,3 +119,18 @@ def test_expandable_segments_are_preferred_unless_the_user_set_the_allocator(mon
     monkeypatch.delenv(allocator.ENV)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # too late: PyTorch has read its settings
     assert allocator.prefer_expandable_segments() is None
+
+
+def test_the_plan_uses_the_memory_free_at_start(tmp_path, monkeypatch):
+    """A 24 GiB card of which a desktop holds 3 GiB: the plan counts 21 GiB, not 24, and says so."""
+    from sdxl_trainer.training import allocator
+
+    monkeypatch.delenv(allocator.ENV, raising=False)  # parse_args sets it on a "CUDA machine": restored after
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (21 * 2**30, 24 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 0)
+    args = _parse(tmp_path, "--train_batch_size", "8", "--mixed_precision", "bf16")
+    # lean at batch 8 (~20.0 GiB) fits 24 x 0.92 but not 21 x 0.92: the step in backward does
+    assert args.memory_plan_chosen == "lean_release"
+    assert "fits in 21.0 GiB (free at start, of 24.0 GiB)" in args.memory_plan_summary
+    assert _parse(tmp_path, "--train_batch_size", "8", "--gpu_memory_gib", "24").memory_plan_chosen == "lean"

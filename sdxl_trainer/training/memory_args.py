@@ -46,7 +46,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--gpu_memory_gib",
         type=float,
         default=None,
-        help="GPU memory the plan may use, in GiB (default: the GPU's total memory)",
+        help="GPU memory the plan may use, in GiB (default: the GPU's memory free at start)",
     )
     g.add_argument(
         "--master_weights",
@@ -81,11 +81,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _gpu_gib() -> float | None:
+def _free_and_total_gib() -> tuple[float, float] | None:
+    """(GiB the plan may use, the GPU's total GiB) of this process's GPU; None without one. What it may use is the
+    memory free at start: on a 24 GB card a desktop or another process often holds a GiB or two, which the plan's
+    margin (`memory_plan.USABLE_FRACTION`) was not meant to absorb."""
     if not torch.cuda.is_available():
         return None
     device = int(os.environ.get("LOCAL_RANK", "0"))
-    return torch.cuda.get_device_properties(device).total_memory / memory_plan.GIB
+    free, total = torch.cuda.mem_get_info(device)
+    return (free + torch.cuda.memory_reserved(device)) / memory_plan.GIB, total / memory_plan.GIB
 
 
 def _shard_size(sharding: str, world: int) -> int:
@@ -105,7 +109,8 @@ def check_args(args: argparse.Namespace) -> None:
             f"--gradient_checkpointing_fraction must be within [0, 1], got {args.gradient_checkpointing_fraction}"
         )
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    gpu_gib = args.gpu_memory_gib if args.gpu_memory_gib is not None else _gpu_gib()
+    measured = None if args.gpu_memory_gib is not None else _free_and_total_gib()
+    gpu_gib = args.gpu_memory_gib if measured is None else measured[0]
     fixed = {f: getattr(args, f) for f in memory_plan.PLAN_FIELDS if f != "cpu_offload"}
     fixed["cpu_offload"] = True if args.cpu_offload else None  # a store_true flag: only "on" is explicit
     args.fsdp_units = memory_plan.fsdp_units(args.fsdp_units, gpu_gib)
@@ -121,6 +126,8 @@ def check_args(args: argparse.Namespace) -> None:
         args.max_grad_norm = 0.0 if args.optimizer_step_in_backward else DEFAULT_MAX_GRAD_NORM
     args.memory_plan_chosen = name
     args.memory_plan_summary = memory_plan.describe(name, recipe, estimate, gpu_gib, args.train_batch_size, world)
+    if measured:
+        args.memory_plan_summary += f" (free at start, of {measured[1]:.1f} GiB)"
     if args.gradient_checkpointing and args.gradient_checkpointing_fraction < 1.0:
         args.memory_plan_summary += (
             f"; {args.gradient_checkpointing_fraction:g} of the transformer blocks checkpointed (the rest keep "
