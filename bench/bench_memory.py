@@ -17,7 +17,8 @@ not written (memory and speed of training steps are measured, not a 15 GB write)
   fake8_lean_B16      the lean plan in a world of 8 (fake8_balanced_B8 with --only)
 With --only also: fake8_balanced_B8, cap24_lean_B16 (kohya's batch under the same cap), cap24_lean_release_B16,
 cap24_auto_B8, cap24_lean_B12, lean_B8 and lean_B16 (uncapped: what the cap costs), lean_frac50_B8 and
-cap24_lean_frac95_B8 (--gradient_checkpointing_fraction), fake2_balanced_blocks_B8 (--fsdp_units blocks).
+cap24_lean_frac95_B8 (--gradient_checkpointing_fraction), cap24_lean_fused_B8 (--adamw_kernel fused),
+fake2_balanced_blocks_B8 (--fsdp_units blocks).
 Simulated ranks (fake*) are MEMORY figures: their images/s means nothing (no communication happens) and is left out.
 
     python bench/bench_memory.py                       # the rows above, < 8 minutes
@@ -59,6 +60,10 @@ EXTRA = {
     "cap24_lean_B12": dict(batch=12, flags=["--memory_plan", "lean"], cap=24.0, world=1),
     "lean_B8": dict(batch=8, flags=["--memory_plan", "lean"], cap=None, world=1),  # what the cap costs
     "lean_B16": dict(batch=16, flags=["--memory_plan", "lean"], cap=None, world=1),  # per-step costs amortized
+    # The fused 8-bit step over bf16 weights (torchao's compiled kernel) against bitsandbytes' (cap24_lean_B8).
+    "cap24_lean_fused_B8": dict(
+        batch=8, flags=["--memory_plan", "lean", "--adamw_kernel", "fused"], cap=24.0, world=1
+    ),  # fmt: skip
     # --gradient_checkpointing_fraction: what keeping some blocks' activations costs in memory and gives in speed.
     "lean_frac50_B8": dict(
         batch=8, flags=["--memory_plan", "lean", "--gradient_checkpointing_fraction", "0.5"], cap=None, world=1

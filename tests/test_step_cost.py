@@ -54,6 +54,8 @@ def test_fused_kernel_needs_adamw(tmp_path):
                                   "--adamw_kernel", "fused"])  # fmt: skip
     assert args.adamw_kernel == "fused"
     assert train_args.parse_args(["--cached_dataset_dirs", str(tmp_path)]).adamw_kernel == "foreach"
-    with pytest.raises(train_args.ArgsError, match="--adamw_kernel fused .* needs --optimizer adamw"):
+    with pytest.raises(
+        train_args.ArgsError, match="--adamw_kernel fused needs --optimizer adamw .* or --optimizer adamw8bit"
+    ):
         train_args.validate_args(train_args.build_parser().parse_args(
             ["--cached_dataset_dirs", str(tmp_path), "--adamw_kernel", "fused"]))  # fmt: skip

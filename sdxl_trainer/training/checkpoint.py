@@ -329,8 +329,9 @@ def load_checkpoint(
     opt = load_structured(opt_stem, "cpu")
     if opt["name"] != optimizer.name or opt["layout"] != optimizer.layout():
         raise CheckpointError(
-            f"--resume_from_checkpoint {path}: optimizer {opt['name']} with another shard layout; resume with the "
-            "same --optimizer, --sharding and number of processes"
+            f"--resume_from_checkpoint {path}: optimizer {opt['name']} with another shard layout (this run: "
+            f"{optimizer.name}); resume with the same --optimizer, --sharding and number of processes (and, for "
+            "adamw8bit over bf16 weights, the same --adamw_kernel: the fused kernel keeps its own state)"
         )
     optimizer.load_state_dict(opt["state"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])

@@ -84,7 +84,8 @@ class FlatMasterOptimizer:
                 lambda _m, args, kwargs: (cast_floating(args, compute_dtype), cast_floating(kwargs, compute_dtype)),
                 with_kwargs=True,
             )
-        self.locals, decide_numels = self._optimizer_tensors(named, name in ELEMENTWISE)
+        # `name` may carry a kernel's suffix (`adamw8bit+fused`): chunking follows the optimizer itself.
+        self.locals, decide_numels = self._optimizer_tensors(named, name.partition("+")[0] in ELEMENTWISE)
         self.inner = inner_factory(self.locals, decide_numels)
         self.micro_batches = 0
 

@@ -20,6 +20,7 @@ from sdxl_trainer.training import (
     data_setup,
     ema_args,
     fp8,
+    fused_adamw8bit,
     lr_schedule,
     objective_args,
     optimizers,
@@ -177,11 +178,18 @@ def _build(args: argparse.Namespace, info: DistInfo, run_dir: Path, folder: dict
         fp8_plan = fp8.Fp8Plan.for_run(args.fp8, args.fp8_min_features, info.device, args.sharding, plain_fp32_shards)
     except fp8.Fp8Error as exc:
         raise TrainingError(str(exc)) from exc
-    inner = optimizers.inner_factory(args)
-    if bf16_weights or args.optimizer_step_in_backward:  # one inner optimizer per tensor (tensorwise.py)
-        # The rounding's own random stream, distinct per rank; the checkpoint's RNG file saves its state.
-        gen = stochastic_rounding.rounding_generator(info.device, mix_seed(args.set_seed, "rounding", info.rank))
-        inner = tensorwise.factory(inner, args.learning_rate, bf16_weights, gen)
+    inner, optimizer_name = optimizers.inner_factory(args), args.optimizer
+    # The stochastic rounding's own random stream, distinct per rank; the checkpoint's RNG file saves its state.
+    rounding = stochastic_rounding.rounding_generator(info.device, mix_seed(args.set_seed, "rounding", info.rank))
+    if fused_adamw8bit.chosen(args):  # one compiled kernel per flat chunk (fused_adamw8bit.py)
+        if args.sharding != "none":
+            raise TrainingError(
+                f"--adamw_kernel fused with --optimizer adamw8bit steps the flat layout's chunks (one process); this "
+                f"run shards with {args.sharding}: use --adamw_kernel foreach"
+            )
+        inner, optimizer_name = fused_adamw8bit.factory(args, rounding), args.optimizer + fused_adamw8bit.NAME_SUFFIX
+    elif bf16_weights or args.optimizer_step_in_backward:  # one inner optimizer per tensor (tensorwise.py)
+        inner = tensorwise.factory(inner, args.learning_rate, bf16_weights, rounding)
     if args.sharding == "none":
         unet = sharding.build_single_process_unet(
             args.pretrained_model_name_or_path, args.gradient_checkpointing, load_base_weights=resume_path is None,
@@ -189,7 +197,7 @@ def _build(args: argparse.Namespace, info: DistInfo, run_dir: Path, folder: dict
         )  # fmt: skip
         fp8_plan.convert(unet)  # before the flat layout: Float8Linear keeps the same parameter objects
         compute = sharding.COMPUTE_DTYPES[args.mixed_precision]
-        optimizer = FlatMasterOptimizer(unet, args.optimizer, inner, compute, info.device, bf16_weights)
+        optimizer = FlatMasterOptimizer(unet, optimizer_name, inner, compute, info.device, bf16_weights)
         elements = optimizer.master.numel()
         shards = {"parameters": len(optimizer.params), "local_elements": elements, "global_elements": elements}
     else:

@@ -7,8 +7,10 @@ import argparse
 
 ADAMW_KERNELS = ("foreach", "fused")
 
-# Resume: the kernel changes how the update is computed (rounding order), not the optimizer state's layout (the same
-# exp_avg, exp_avg_sq and step per tensor; torch moves `step` where the fused kernel wants it on load).
+# Resume: for adamw the kernel changes how the update is computed (rounding order), not the optimizer state's layout
+# (the same exp_avg, exp_avg_sq and step per tensor; torch moves `step` where the fused kernel wants it on load). For
+# adamw8bit the fused kernel's state is its own: the checkpoint names the optimizer `adamw8bit+fused` and the
+# resume refuses a change there (checkpoint.py), with the flag named.
 RESUME_RULES = {"adamw_kernel": "may_change"}
 
 
@@ -18,12 +20,20 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--adamw_kernel",
         choices=ADAMW_KERNELS,
         default="foreach",
-        help="--optimizer adamw's implementation: foreach (torch's multi-tensor ops, about 10 passes over the fp32 "
-        "masters and their state) or fused (one kernel per tensor group reading and writing each element once: "
-        "the cheaper step; same formula, other rounding order) (default foreach)",
+        help="the AdamW step's implementation: foreach (torch's multi-tensor ops, about 10 passes over the fp32 "
+        "masters and their state; for adamw8bit, bitsandbytes) or fused (one kernel reading and writing each element "
+        "once: torch's fused AdamW with --optimizer adamw, same formula, other rounding order; with --optimizer "
+        "adamw8bit and --master_weights bf16_stochastic on one process, torchao's compiled 8-bit step with "
+        "stochastic rounding, whose state a resume must keep) (default foreach)",
     )
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.adamw_kernel == "fused" and args.optimizer != "adamw":
-        raise ValueError(f"--adamw_kernel fused is torch's AdamW: it needs --optimizer adamw, not {args.optimizer}")
+    if args.adamw_kernel != "fused" or args.optimizer == "adamw":
+        return
+    if args.optimizer != "adamw8bit" or args.master_weights != "bf16_stochastic":
+        raise ValueError(
+            f"--adamw_kernel fused needs --optimizer adamw (torch's fused AdamW) or --optimizer adamw8bit with "
+            f"--master_weights bf16_stochastic (the fused 8-bit step over bf16 weights), not --optimizer "
+            f"{args.optimizer} with --master_weights {args.master_weights}"
+        )
