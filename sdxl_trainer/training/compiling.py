@@ -35,9 +35,14 @@ def resolve_choice(choice: str, device_type: str, sharding: str) -> str:
     minutes, no measured gain). Triton builds its launchers with the system C compiler: without one, eager."""
     if choice != "auto":
         return choice
-    if device_type == "cuda" and sharding == "none" and (shutil.which("cc") or shutil.which("gcc")):
+    if device_type == "cuda" and sharding == "none" and has_c_compiler():
         return "transformers"
     return "none"
+
+
+def has_c_compiler() -> bool:
+    """Triton builds its kernel launchers with the system C compiler: without one, compiling for CUDA fails."""
+    return bool(shutil.which("cc") or shutil.which("gcc"))
 
 
 def compile_regions(model: torch.nn.Module, choice: str, dynamic: bool | None = None, backend: str = "inductor") -> int:

@@ -26,6 +26,7 @@ import contextlib
 
 import torch
 
+from sdxl_trainer.training import compiling
 from sdxl_trainer.training.optimizers import eight_bit_state
 
 BLOCK = 256
@@ -60,7 +61,7 @@ class FusedAdamW8bit(torch.optim.Optimizer):
         return torch.zeros(t.shape, dtype=torch.float32, device=t.device)
 
     def _step_function(self, device: torch.device):
-        if device.type != "cuda":
+        if device.type != "cuda" or not compiling.has_c_compiler():  # eager: the same update, more passes
             return _update()
         if self._compiled is None:
             # One compiled kernel per chunk shape (the flat layout has two or three): fullgraph, static shapes.
