@@ -1,6 +1,7 @@
 """GPU: the memory plans on the tiny model (bf16 stochastic weights on the flat layout with compilation, gradient
 release under FSDP2 with per-layer units): they train, stay finite and keep bf16 weights; and a resume of the
-lean_release plan on one GPU continues exactly (the rounding stream on the GPU is in the checkpoint).
+lean_release plan, and of lean with the fused 8-bit step, on one GPU continues exactly (the rounding stream on the
+GPU is in the checkpoint).
 
     pytest -m gpu tests/test_memory_gpu.py
 Full-size figures are bench/bench_memory.py's.
@@ -53,9 +54,12 @@ def test_lean_plans_train_on_the_gpu_with_bf16_weights(tiny_model_dir, cache_roo
     assert {v.dtype for v in _weights(last).values()} == {torch.bfloat16}
 
 
-def test_lean_release_resumes_exactly_on_the_gpu(tiny_model_dir, cache_root, tmp_path):
-    common = ["--memory_plan", "lean_release", "--max_train_steps", "4", "--checkpointing_steps", "2",
-              "--no-save_final_model"]  # fmt: skip
+@pytest.mark.parametrize("plan", ["lean_release", "lean_fused"])
+def test_lean_plans_resume_exactly_on_the_gpu(tiny_model_dir, cache_root, tmp_path, plan):
+    """lean_release (the step in backward under FSDP2) and lean with the fused 8-bit step (torchao's compiled kernel,
+    its rounding stream in the checkpoint)."""
+    chosen = ["--memory_plan", "lean", "--adamw_kernel", "fused"] if plan == "lean_fused" else ["--memory_plan", plan]
+    common = [*chosen, "--max_train_steps", "4", "--checkpointing_steps", "2", "--no-save_final_model"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     assert sdxl_fsdp_train.main(_argv(tiny_model_dir, cache_root, full, *common)) == 0
     start = str(full / "checkpoints" / "step-2")
