@@ -18,8 +18,7 @@ not written (memory and speed of training steps are measured, not a 15 GB write)
 With --only also: fake8_balanced_B8, cap24_lean_B16 (kohya's batch under the same cap), cap24_lean_release_B16,
 cap24_auto_B8, cap24_lean_B12, lean_B8 and lean_B16 (uncapped: what the cap costs), lean_frac50_B8 and
 cap24_lean_frac95_B8 (--gradient_checkpointing_fraction), cap24_lean_fused_B8 (--adamw_kernel fused),
-cap24_lean_stages_B8 (--compile stages),
-fake2_balanced_blocks_B8 (--fsdp_units blocks).
+cap24_lean_stages_B8 (--compile stages), fake2_balanced_blocks_B8 (--fsdp_units blocks).
 Simulated ranks (fake*) are MEMORY figures: their images/s means nothing (no communication happens) and is left out.
 
     python bench/bench_memory.py                       # the rows above, < 8 minutes
