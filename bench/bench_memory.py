@@ -18,7 +18,8 @@ not written (memory and speed of training steps are measured, not a 15 GB write)
 With --only also: fake8_balanced_B8, cap24_lean_B16 (kohya's batch under the same cap), cap24_lean_release_B16,
 cap24_auto_B8, cap24_lean_B12, lean_B8 and lean_B16 (uncapped: what the cap costs), lean_frac50_B8 and
 cap24_lean_frac95_B8 (--gradient_checkpointing_fraction), cap24_lean_fused_B8 (--adamw_kernel fused),
-cap24_lean_stages_B8 (--compile stages), fake2_balanced_blocks_B8 (--fsdp_units blocks).
+cap24_lean_stages_B8 and cap24_lean_blocks_B8 (--compile), cap24_lean_fused_B12, fake2_balanced_blocks_B8
+(--fsdp_units blocks).
 Simulated ranks (fake*) are MEMORY figures: their images/s means nothing (no communication happens) and is left out.
 
     python bench/bench_memory.py                       # the rows above, < 8 minutes
@@ -67,6 +68,11 @@ EXTRA = {
     # Fewer, larger compiled regions (whole attention stages, resnets, resamplers): the host launches fewer graphs,
     # which at batch 8 with checkpointing takes about as long as running them (README, Memory).
     "cap24_lean_stages_B8": dict(batch=8, flags=["--memory_plan", "lean", "--compile", "stages"], cap=24.0, world=1),
+    "cap24_lean_blocks_B8": dict(batch=8, flags=["--memory_plan", "lean", "--compile", "blocks"], cap=24.0, world=1),
+    # Without the fp32 chunk copies of the bitsandbytes step, and with expandable segments: does batch 12 fit?
+    "cap24_lean_fused_B12": dict(
+        batch=12, flags=["--memory_plan", "lean", "--adamw_kernel", "fused"], cap=24.0, world=1
+    ),  # fmt: skip
     # --gradient_checkpointing_fraction: what keeping some blocks' activations costs in memory and gives in speed.
     "lean_frac50_B8": dict(
         batch=8, flags=["--memory_plan", "lean", "--gradient_checkpointing_fraction", "0.5"], cap=None, world=1
