@@ -8,18 +8,14 @@ Random weights: numerics and speed only, never image quality.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import run_trainer_script
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[1]
 BATCH = 2
 
 
@@ -46,12 +42,7 @@ def _train(model: Path, cache: Path, out: Path, steps: int, *extra: str) -> list
         "--no-gradient_checkpointing", "--learning_rate", "1e-5", "--dataloader_num_workers", "2",
         "--no-save_final_model", "--save_model_every_n_epochs", "1000", *extra,
     ]  # fmt: skip
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, str(REPO / "sdxl_fsdp_train.py"), *argv], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=1200)  # fmt: skip
-    assert result.returncode == 0, (result.stdout + result.stderr)[-8000:]
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if r["event"] == "step"]
+    return run_trainer_script(argv, out, timeout_s=1200)
 
 
 @needs_fp8

@@ -8,21 +8,17 @@ Random weights: correctness and speed only, never image quality.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import run_trainer_script
 
 from sdxl_trainer.data.dataset import pad_prompt_embeds
 from sdxl_trainer.models import shapes
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -100,12 +96,7 @@ def test_compiled_trainer_trains_mixed_caption_lengths_with_masks_as_eager_does(
             "--optimizer", "adamw8bit", "--learning_rate", "1e-5", "--dataloader_num_workers", "2",
             "--no-save_final_model", "--checkpointing_steps", "0", "--masked_loss", "--compile", compile_choice,
         ]  # fmt: skip
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-        result = subprocess.run([sys.executable, str(REPO / "sdxl_fsdp_train.py"), *argv], cwd=REPO, env=env,
-                                capture_output=True, text=True, timeout=1500)  # fmt: skip
-        assert result.returncode == 0, (result.stdout + result.stderr)[-8000:]
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        step_records = [r for r in records if r["event"] == "step"]
+        step_records = run_trainer_script(argv, out, timeout_s=1500)
         assert len(step_records) == steps and all(r["finite"] for r in step_records)
         losses[compile_choice] = [r["loss"] for r in step_records]
     print(f"\nlosses compiled {losses['auto']}\nlosses eager    {losses['none']}")

@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_train_gpu import _cache_1024, _full_size_model
+from train_helpers import run_trainer_script
 
 from sdxl_trainer.models import shapes
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
 OPTIONS = [
     "--prediction_type", "v_prediction", "--zero_terminal_snr", "--snr_gamma", "5", "--loss_type", "huber",
@@ -41,13 +39,7 @@ def _train(model: Path, cache: Path, out: Path, gpus: int, batch: int, *extra: s
         "--gradient_checkpointing", "--learning_rate", "1e-5", "--dataloader_num_workers", "4",
         "--no-save_final_model", "--save_model_every_n_epochs", "1000", "--checkpointing_steps", "0", *extra,
     ]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-           str(REPO / "sdxl_fsdp_train.py"), *argv]  # fmt: skip
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=pythonpath)
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-8000:]
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["event"] == "step"]
+    return run_trainer_script(argv, out, timeout_s=1200, nproc=gpus)
 
 
 def _report(name: str, steps: list[dict], out: Path) -> float:

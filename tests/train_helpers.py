@@ -68,3 +68,22 @@ def base_args(model_dir: Path, cache_dir: Path, out_dir: Path, *extra: str) -> l
         "--save_model_every_n_epochs", "1000",
         *extra,
     ]  # fmt: skip
+
+
+def run_trainer_script(argv: list[str], out_dir: Path, timeout_s: int, nproc: int | None = None) -> list[dict]:
+    """Run sdxl_fsdp_train.py in a child process (under torchrun with `nproc` processes if given), assert it
+    succeeded, and return the step records of `out_dir`'s metrics. The child sees this repository ahead of the
+    caller's PYTHONPATH (on the GPU machine that path holds the wheels installed for the run)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    launcher = [sys.executable] if nproc is None else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                     f"--nproc_per_node={nproc}"]  # fmt: skip
+    pythonpath = os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=pythonpath)
+    result = subprocess.run([*launcher, str(repo / "sdxl_fsdp_train.py"), *argv], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-8000:]
+    return read_metrics(out_dir)

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from sdxl_trainer.training import memory_plan
+from sdxl_trainer.training import memory_plan, partial_checkpointing
 
 MASTER_WEIGHTS = ("fp32", "bf16_stochastic")
 DEFAULT_MAX_GRAD_NORM = 1.0
@@ -104,10 +104,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Resolve the plan into the flags it decides (explicit values win), then refuse what cannot work."""
     if args.gpu_memory_gib is not None and args.gpu_memory_gib <= 0:
         raise ValueError(f"--gpu_memory_gib must be positive, got {args.gpu_memory_gib}")
-    if not 0.0 <= args.gradient_checkpointing_fraction <= 1.0:
-        raise ValueError(
-            f"--gradient_checkpointing_fraction must be within [0, 1], got {args.gradient_checkpointing_fraction}"
-        )
+    partial_checkpointing.check_fraction(args.gradient_checkpointing_fraction)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     measured = None if args.gpu_memory_gib is not None else _free_and_total_gib()
     gpu_gib = args.gpu_memory_gib if measured is None else measured[0]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 
 import torch
@@ -116,6 +117,7 @@ class LocalShardOptimizer:
         return fp8.plain_weights(full)
 
 
+@functools.cache  # one subclass per bitsandbytes class (the step in backward builds ~1,700 inner optimizers)
 def _without_per_tensor_waits(optimizer_class: type) -> type:
     """`optimizer_class` (a bitsandbytes 8-bit optimizer) whose step does not wait for the GPU after every tensor.
 

@@ -20,11 +20,15 @@ import torch
 BLOCK_CLASS = "BasicTransformerBlock"
 
 
+def check_fraction(fraction: float) -> None:
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"--gradient_checkpointing_fraction must be within [0, 1], got {fraction}")
+
+
 def checkpointed_positions(count: int, fraction: float) -> set[int]:
     """Positions (0-based, forward order) of the round(fraction * count) checkpointed blocks out of `count`, spread
     evenly: block i is checkpointed when the running share floor((i + 1) * n / count) steps up at i."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"--gradient_checkpointing_fraction must be within [0, 1], got {fraction}")
+    check_fraction(fraction)
     n = round(fraction * count)
     return {i for i in range(count) if (i + 1) * n // count > i * n // count}
 

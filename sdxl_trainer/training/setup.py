@@ -179,17 +179,19 @@ def _build(args: argparse.Namespace, info: DistInfo, run_dir: Path, folder: dict
     except fp8.Fp8Error as exc:
         raise TrainingError(str(exc)) from exc
     inner, optimizer_name = optimizers.inner_factory(args), args.optimizer
-    # The stochastic rounding's own random stream, distinct per rank; the checkpoint's RNG file saves its state.
-    rounding = stochastic_rounding.rounding_generator(info.device, mix_seed(args.set_seed, "rounding", info.rank))
-    if fused_adamw8bit.chosen(args):  # one compiled kernel per flat chunk (fused_adamw8bit.py)
-        if args.sharding != "none":
-            raise TrainingError(
-                f"--adamw_kernel fused with --optimizer adamw8bit steps the flat layout's chunks (one process); this "
-                f"run shards with {args.sharding}: use --adamw_kernel foreach"
-            )
-        inner, optimizer_name = fused_adamw8bit.factory(args, rounding), args.optimizer + fused_adamw8bit.NAME_SUFFIX
-    elif bf16_weights or args.optimizer_step_in_backward:  # one inner optimizer per tensor (tensorwise.py)
-        inner = tensorwise.factory(inner, args.learning_rate, bf16_weights, rounding)
+    if bf16_weights or args.optimizer_step_in_backward:
+        # The stochastic rounding's own random stream, distinct per rank; the checkpoint's RNG file saves its state.
+        rounding = stochastic_rounding.rounding_generator(info.device, mix_seed(args.set_seed, "rounding", info.rank))
+        if fused_adamw8bit.chosen(args):  # one compiled kernel per flat chunk (fused_adamw8bit.py; bf16 weights)
+            if args.sharding != "none":
+                raise TrainingError(
+                    f"--adamw_kernel fused with --optimizer adamw8bit steps the flat layout's chunks (one process); "
+                    f"this run shards with {args.sharding}: use --adamw_kernel foreach"
+                )
+            inner = fused_adamw8bit.factory(args, rounding)
+            optimizer_name = args.optimizer + fused_adamw8bit.NAME_SUFFIX
+        else:  # one inner optimizer per tensor (tensorwise.py)
+            inner = tensorwise.factory(inner, args.learning_rate, bf16_weights, rounding)
     if args.sharding == "none":
         unet = sharding.build_single_process_unet(
             args.pretrained_model_name_or_path, args.gradient_checkpointing, load_base_weights=resume_path is None,
