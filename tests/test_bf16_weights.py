@@ -7,6 +7,7 @@ import argparse
 
 import pytest
 import torch
+from train_helpers import optimizer_steps
 
 from sdxl_trainer.training import flat_master, optimizers, tensorwise
 from sdxl_trainer.training.stochastic_rounding import stochastic_round_to_bf16
@@ -57,17 +58,8 @@ def _model(start: torch.Tensor) -> torch.nn.Module:
 
 
 def _run(model, opt, x, y, steps: int, dtype) -> list[float]:
-    losses = []
-    for i in range(steps):
-        sl = slice((i * 64) % 512, (i * 64) % 512 + 64)
-        loss = torch.nn.functional.mse_loss(model(x[sl].to(dtype)).float(), y[sl])
-        loss.backward()
-        if hasattr(opt, "after_backward"):
-            opt.after_backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    slices = [slice((i * 64) % 512, (i * 64) % 512 + 64) for i in range(steps)]
+    return optimizer_steps(model, opt, ((x[sl].to(dtype), y[sl]) for sl in slices))
 
 
 def test_bf16_stochastic_weights_track_fp32_masters_where_plain_bf16_does_not_move():

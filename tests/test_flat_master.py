@@ -7,6 +7,7 @@ import argparse
 
 import pytest
 import torch
+from train_helpers import optimizer_steps
 
 from sdxl_trainer.distributed import DistInfo
 from sdxl_trainer.training import flat_master, optimizers, sharding
@@ -29,20 +30,10 @@ def _flat(model, name: str, compute=None) -> flat_master.FlatMasterOptimizer:
     )
 
 
-def _train(model, opt, steps: int, micro_batches: int = 1) -> list[float]:
+def _train(model, opt, steps: int) -> list[float]:
     g = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(steps):
-        for _ in range(micro_batches):
-            x, y = torch.randn(16, 70, generator=g), torch.randn(16, 3, generator=g)
-            loss = torch.nn.functional.mse_loss(model(x).float(), y)
-            loss.backward()
-            if hasattr(opt, "after_backward"):
-                opt.after_backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    batches = ((torch.randn(16, 70, generator=g), torch.randn(16, 3, generator=g)) for _ in range(steps))
+    return optimizer_steps(model, opt, batches)
 
 
 @pytest.mark.parametrize("name", ["adamw", "lion8bit", "adafactor"])

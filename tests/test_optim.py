@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from train_helpers import optimizer_steps
 
 from sdxl_trainer.training import checkpoint, optimizers
 
@@ -37,15 +38,8 @@ def _model(seed: int) -> torch.nn.Module:
 
 def _train(model, opt, steps: int, seed: int = 0) -> list[float]:
     g = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(steps):
-        x, y = torch.randn(16, 70, generator=g), torch.randn(16, 3, generator=g)
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    batches = ((torch.randn(16, 70, generator=g), torch.randn(16, 3, generator=g)) for _ in range(steps))
+    return optimizer_steps(model, opt, batches)
 
 
 def test_eight_bit_state_is_chosen_by_the_unsharded_size():

@@ -87,3 +87,18 @@ def run_trainer_script(argv: list[str], out_dir: Path, timeout_s: int, nproc: in
                             capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
     assert result.returncode == 0, (result.stdout + result.stderr)[-8000:]
     return read_metrics(out_dir)
+
+
+def optimizer_steps(model: torch.nn.Module, opt, batches) -> list[float]:
+    """One optimizer step per (x, y) of `batches` on an MSE loss (computed in fp32); the losses. Calls the trainer
+    optimizers' `after_backward` where they have one (flat_master.py)."""
+    losses = []
+    for x, y in batches:
+        loss = torch.nn.functional.mse_loss(model(x).float(), y)
+        loss.backward()
+        if hasattr(opt, "after_backward"):
+            opt.after_backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
