@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -38,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_train  # noqa: E402
-from bench_levers import kernel_summary  # noqa: E402
 
 FAST = ["--optimizer", "adamw", "--no_gradient_checkpointing"]
 COMPILE = ["--compile", "transformers"]
@@ -71,7 +71,7 @@ SETS = {
     "best": ["fast_bf16_fused_B12", "fast_fp8_tensorwise_fused_B12", "fast_fp8_tensorwise_fused_B16"],
     "gap": ["gap_bf16", "gap_fp8_tensorwise", "gap_fp8_rowwise"],
 }
-PROFILED = "fast_fp8_tensorwise_B12"  # profiled in the levers set (a separate child: profiling slows the steps)
+PROFILED = "fast_fp8_tensorwise_B12"  # profiled in the levers set (a separate child; its last warm-up step)
 
 
 def _smoke_flags(flags: list[str]) -> list[str]:
@@ -89,31 +89,20 @@ def child(work: Path, name: str, warmup_steps: int, timed_steps: int, smoke: boo
     bench_train.CONFIGS.update(configs)
     loop.save_checkpoint = lambda tr: None  # the end-of-run checkpoint: not timed, 15+ GB, ~30 s
     records: list[tuple[float, float]] = []
-    profiled: dict = {}
     inner = loop.train_step
 
     def recording_step(tr, micro_batches, *more):
-        if profile and len(records) == warmup_steps and torch.cuda.is_available():
-            from torch.profiler import ProfilerActivity
-            from torch.profiler import profile as profiler
-
-            torch.cuda.synchronize()
-            with profiler(activities=[ProfilerActivity.CUDA]) as prof:
-                result = inner(tr, micro_batches, *more)
-                torch.cuda.synchronize()
-            profiled.update(kernel_summary(prof))
-        else:
-            result = inner(tr, micro_batches, *more)
+        result = inner(tr, micro_batches, *more)
         records.append((result["loss"], result["grad_norm"]))
         return result
 
     loop.train_step = recording_step  # run_trainer wraps this one with its timer
+    if profile and torch.cuda.is_available():  # bench_train profiles the last warm-up step into result["profile"]
+        os.environ["BENCH_PROFILE"] = str(work / f"profile_{name}.txt")
     result = bench_train.run_trainer(work, name, warmup_steps, timed_steps, None, smoke)
     if name.startswith("gap_"):
         result["losses"] = [round(loss, 6) for loss, _ in records]
         result["grad_norms"] = [round(norm, 6) for _, norm in records]
-    if profiled:
-        result["profile"] = profiled
     return result
 
 
