@@ -1,7 +1,7 @@
 """GPU: the memory plans on the tiny model (bf16 stochastic weights on the flat layout with compilation, gradient
-release under FSDP2 with per-layer units): they train, stay finite and keep bf16 weights; and a resume of the
-lean_release plan, and of lean with the fused 8-bit step, on one GPU continues exactly (the rounding stream on the
-GPU is in the checkpoint).
+release on the flat layout and under FSDP2 with per-layer units): they train, stay finite and keep bf16 weights;
+and a resume of the lean_release plan (both layouts, both 8-bit kernels), and of lean with the fused 8-bit step, on
+one GPU continues exactly (the rounding stream on the GPU is in the checkpoint).
 
     pytest -m gpu tests/test_memory_gpu.py
 Full-size figures are bench/bench_memory.py's.
@@ -43,10 +43,19 @@ def _weights(step_dir):
     return out
 
 
-@pytest.mark.parametrize("plan", ["lean", "lean_release"])
+VARIANTS = {
+    "lean": ["--memory_plan", "lean"],
+    "lean_fused": ["--memory_plan", "lean", "--adamw_kernel", "fused"],
+    "lean_release": ["--memory_plan", "lean_release"],  # the flat layout, its chunks stepped in backward
+    "lean_release_fused": ["--memory_plan", "lean_release", "--adamw_kernel", "fused"],
+    "lean_release_fsdp": ["--memory_plan", "lean_release", "--sharding", "full_shard"],
+}
+
+
+@pytest.mark.parametrize("plan", ["lean", "lean_release", "lean_release_fsdp"])
 def test_lean_plans_train_on_the_gpu_with_bf16_weights(tiny_model_dir, cache_root, tmp_path, plan):
     out = tmp_path / plan
-    extra = ["--memory_plan", plan, "--max_train_steps", "4", "--no-save_final_model", "--compile", "auto"]
+    extra = [*VARIANTS[plan], "--max_train_steps", "4", "--no-save_final_model", "--compile", "auto"]
     assert sdxl_fsdp_train.main(_argv(tiny_model_dir, cache_root, out, *extra)) == 0
     steps = read_metrics(out)
     assert len(steps) == 4 and all(r["finite"] and r["grad_norm"] > 0 for r in steps)
@@ -54,12 +63,11 @@ def test_lean_plans_train_on_the_gpu_with_bf16_weights(tiny_model_dir, cache_roo
     assert {v.dtype for v in _weights(last).values()} == {torch.bfloat16}
 
 
-@pytest.mark.parametrize("plan", ["lean_release", "lean_fused"])
+@pytest.mark.parametrize("plan", ["lean_release", "lean_release_fused", "lean_release_fsdp", "lean_fused"])
 def test_lean_plans_resume_exactly_on_the_gpu(tiny_model_dir, cache_root, tmp_path, plan):
-    """lean_release (the step in backward under FSDP2) and lean with the fused 8-bit step (torchao's compiled kernel,
-    its rounding stream in the checkpoint)."""
-    chosen = ["--memory_plan", "lean", "--adamw_kernel", "fused"] if plan == "lean_fused" else ["--memory_plan", plan]
-    common = [*chosen, "--max_train_steps", "4", "--checkpointing_steps", "2", "--no-save_final_model"]
+    """lean_release (the step in backward: flat chunks, FSDP2 shards) and the fused 8-bit step (torchao's compiled
+    kernel, its rounding stream in the checkpoint)."""
+    common = [*VARIANTS[plan], "--max_train_steps", "4", "--checkpointing_steps", "2", "--no-save_final_model"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     assert sdxl_fsdp_train.main(_argv(tiny_model_dir, cache_root, full, *common)) == 0
     start = str(full / "checkpoints" / "step-2")

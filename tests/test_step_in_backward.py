@@ -31,10 +31,12 @@ def _weights(run) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_the_step_in_backward_gives_the_ordinary_steps_weights(tiny_model_dir, cache_root, tmp_path):
-    """AdamW, no clipping, accumulation 2 (the hooks step in the second micro-batch's backward only); the released
-    run also uses per-layer FSDP units, which must not change the numbers either."""
-    common = ["--max_train_steps", "3", "--no-save_final_model", "--sharding", "full_shard", "--max_grad_norm", "0",
+@pytest.mark.parametrize("sharding", ["full_shard", "none"])
+def test_the_step_in_backward_gives_the_ordinary_steps_weights(tiny_model_dir, cache_root, tmp_path, sharding):
+    """AdamW, no clipping, accumulation 2 (the hooks step in the second micro-batch's backward only); under FSDP2 the
+    released run also uses per-layer FSDP units, which must not change the numbers either. `none`: the flat layout,
+    stepping its chunks in backward."""
+    common = ["--max_train_steps", "3", "--no-save_final_model", "--sharding", sharding, "--max_grad_norm", "0",
               "--gradient_accumulation_steps", "2", "--fsdp_units", "blocks"]  # fmt: skip
     ordinary, released = tmp_path / "ordinary", tmp_path / "released"
     assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, ordinary, *common)) == 0
@@ -48,6 +50,9 @@ def test_the_step_in_backward_gives_the_ordinary_steps_weights(tiny_model_dir, c
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-6, atol=1e-7)
     assert json.loads((released / "config.json").read_text())["optimizer_step_in_backward"] is True
+    if sharding == "none":
+        assert "--sharding none" in (released / "train.log").read_text()
+        return
     units = [int(re.search(r"'fsdp_units': (\d+)", (run / "train.log").read_text())[1]) for run in (ordinary, released)]
     assert units[1] > units[0] + 4  # blocks + the root; then also every transformer layer and resnet
 
@@ -62,3 +67,26 @@ def test_bf16_stochastic_weights_train_and_save_bf16(tiny_model_dir, cache_root,
     assert len(steps) == 3 and all(r["finite"] and r["grad_norm"] > 0 for r in steps)
     weights = _weights(out)
     assert {v.dtype for v in weights.values()} == {torch.bfloat16}  # no fp32 master anywhere
+
+
+@pytest.mark.parametrize("kernel", ["foreach", "fused"])
+def test_the_lean_step_in_backward_on_one_process_resumes_exactly(tiny_model_dir, cache_root, tmp_path, kernel):
+    """The lean_release plan's recipe on the flat layout (bf16 weights with stochastic rounding, AdamW8bit stepped per
+    chunk in backward), with bitsandbytes' step or the fused one: stop at step 2, resume, the same losses, gradient
+    norms and bits as the uninterrupted run."""
+    flags = ["--max_train_steps", "4", "--no-save_final_model", "--mixed_precision", "bf16", "--sharding", "none",
+             "--memory_plan", "lean_release", "--optimizer", "adamw8bit", "--adamw_kernel", kernel,
+             "--checkpointing_steps", "2", "--gradient_checkpointing"]  # fmt: skip
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, full, *flags)) == 0
+    start = ["--resume_from_checkpoint", str(full / "checkpoints" / "step-2")]
+    assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, resumed, *flags, *start)) == 0
+    a, b = read_metrics(full), read_metrics(resumed)
+    assert len(a) == 4 and all(r["finite"] and r["grad_norm"] > 0 for r in a)
+    assert [(r["loss"], r["grad_norm"]) for r in b] == [(r["loss"], r["grad_norm"]) for r in a[2:]]
+    config = json.loads((full / "config.json").read_text())
+    assert config["optimizer_step_in_backward"] and config["sharding"] == "none" and config["max_grad_norm"] == 0
+    step4 = [load_file(str(next((run / "checkpoints" / "step-4" / "model").glob("*.safetensors"))))
+             for run in (full, resumed)]  # fmt: skip
+    assert step4[0].keys() == step4[1].keys() and all(torch.equal(step4[0][k], step4[1][k]) for k in step4[0])
+    assert {v.dtype for v in step4[0].values()} == {torch.bfloat16}

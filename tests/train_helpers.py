@@ -91,9 +91,12 @@ def run_trainer_script(argv: list[str], out_dir: Path, timeout_s: int, nproc: in
 
 def optimizer_steps(model: torch.nn.Module, opt, batches) -> list[float]:
     """One optimizer step per (x, y) of `batches` on an MSE loss (computed in fp32); the losses. Calls the trainer
-    optimizers' `after_backward` where they have one (flat_master.py)."""
+    optimizers' `after_backward` where they have one (flat_master.py) and arms those that step in backward
+    (gradient_release.py)."""
     losses = []
     for x, y in batches:
+        if getattr(opt, "steps_in_backward", False):
+            opt.arm(last_micro_batch=True)
         loss = torch.nn.functional.mse_loss(model(x).float(), y)
         loss.backward()
         if hasattr(opt, "after_backward"):

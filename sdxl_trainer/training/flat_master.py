@@ -52,22 +52,30 @@ class FlatMasterOptimizer:
     views of their compute-dtype copy on `device`.
     """
 
+    # Whether autograd accumulates into the flat `compute_grad` (the parameters' .grad are views of it). The step in
+    # backward (`gradient_release.FlatReleaseOptimizer`) has no flat gradient: each parameter's comes and goes.
+    holds_flat_gradients = True
+    chunk_elements: int | None = None  # None: by the weights (`CHUNK_ELEMENTS`, `BF16_CHUNK_ELEMENTS`)
+
     def __init__(self, unet: torch.nn.Module, name: str, inner_factory, compute_dtype, device: torch.device,
                  bf16_weights: bool = False):  # fmt: skip
         if bf16_weights and compute_dtype != torch.bfloat16:
             raise ValueError("bf16 weights compute in bf16 (--mixed_precision bf16)")
         self.name = name
         self.bf16_weights = bf16_weights
-        self.chunk_elements = BF16_CHUNK_ELEMENTS if bf16_weights else CHUNK_ELEMENTS
+        if self.chunk_elements is None:
+            self.chunk_elements = BF16_CHUNK_ELEMENTS if bf16_weights else CHUNK_ELEMENTS
         named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
         # Tensors with 32-bit optimizer state last, so that no chunk mixes the two kinds.
         named.sort(key=lambda item: not eight_bit_state(item[1].numel()))
         total = sum(p.numel() for _, p in named)
         self.compute = torch.empty(total, dtype=compute_dtype or torch.float32, device=device)
-        self.compute_grad = torch.zeros_like(self.compute)
         # bf16 weights: the compute weights are what the optimizer steps (no copy).
         self.master = self.compute if bf16_weights else torch.empty(total, dtype=torch.float32, device=device)
-        self.master_grad = self.compute_grad if bf16_weights else torch.zeros_like(self.master)
+        self.compute_grad = self.master_grad = None  # flat gradients: see `holds_flat_gradients`
+        if self.holds_flat_gradients:
+            self.compute_grad = torch.zeros_like(self.compute)
+            self.master_grad = self.compute_grad if bf16_weights else torch.zeros_like(self.master)
         self.spans: dict[str, tuple[int, int, torch.Size]] = {}
         offset = 0
         for n, p in named:
@@ -75,7 +83,8 @@ class FlatMasterOptimizer:
             self.spans[n] = (offset, end, p.shape)
             self.master[offset:end].copy_(p.detach().reshape(-1))
             p.data = self.compute[offset:end].view(p.shape)
-            p.grad = self.compute_grad[offset:end].view(p.shape)
+            if self.compute_grad is not None:
+                p.grad = self.compute_grad[offset:end].view(p.shape)
             offset = end
         self._refresh_compute()
         self.params = [p for _, p in named]
@@ -93,12 +102,15 @@ class FlatMasterOptimizer:
         """Views of the master weights (with their gradient views) for the inner optimizer, and for each the
         element count that decides 8- or 32-bit state."""
         tensors, numels = [], []
+        self.chunk_spans: list[tuple[int, int]] = []  # each optimizer tensor's [start, end) in the flat buffers
 
         def add(start: int, end: int, shape, numel: int) -> None:
             view = torch.nn.Parameter(self.master[start:end].view(shape))
-            view.grad = self.master_grad[start:end].view(shape)
+            if self.master_grad is not None:
+                view.grad = self.master_grad[start:end].view(shape)
             tensors.append(view)
             numels.append(numel)
+            self.chunk_spans.append((start, end))
 
         if not elementwise:
             for n, _ in named:

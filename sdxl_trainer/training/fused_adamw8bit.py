@@ -70,23 +70,33 @@ class FusedAdamW8bit(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        with _global_rng_from(self.generator):
+            for i in range(len(self.tensors)):
+                self._update(i)
+
+    @torch.no_grad()
+    def step_tensor(self, index: int) -> None:
+        """Step tensor `index` alone (the step in backward, gradient_release.py)."""
+        with _global_rng_from(self.generator):
+            self._update(index)
+
+    def _update(self, index: int) -> None:
+        t = self.tensors[index]
+        if t.grad is None:
+            return
         group = self.param_groups[0]
         lr = torch.tensor(group["lr"], dtype=torch.float32)  # a CPU scalar: no host-device copy, no recompile
         beta1, beta2 = group["betas"]
-        with _global_rng_from(self.generator):
-            for i, t in enumerate(self.tensors):
-                if t.grad is None:
-                    continue
-                state = self.state[t]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = self._moment(t, True, self.eight_bit[i])
-                    state["exp_avg_sq"] = self._moment(t, False, self.eight_bit[i])
-                state["step"] += 1
-                self._step_function(t.device)(
-                    t.detach(), t.grad, state["step"], state["exp_avg"], state["exp_avg_sq"], None, lr, beta1, beta2,
-                    group["weight_decay"], group["eps"], True, True,
-                )  # fmt: skip
+        state = self.state[t]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = self._moment(t, True, self.eight_bit[index])
+            state["exp_avg_sq"] = self._moment(t, False, self.eight_bit[index])
+        state["step"] += 1
+        self._step_function(t.device)(
+            t.detach(), t.grad, state["step"], state["exp_avg"], state["exp_avg_sq"], None, lr, beta1, beta2,
+            group["weight_decay"], group["eps"], True, True,
+        )  # fmt: skip
 
     # Checkpoints hold plain tensors: an 8-bit moment as its codes and block scales.
 

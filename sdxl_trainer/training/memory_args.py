@@ -19,7 +19,7 @@ RESUME_RULES = {
     "memory_plan": "may_change",  # what it decides is in the flags below and in --optimizer etc., checked there
     "gpu_memory_gib": "may_change",
     "master_weights": "must_match",  # the checkpoint's weights are fp32 masters or bf16 weights
-    "optimizer_step_in_backward": "must_match",  # per-tensor optimizer state instead of flat chunks
+    "optimizer_step_in_backward": "must_match",  # other chunks (flat layout) or per-tensor optimizers (FSDP2)
     "fsdp_units": "may_change",  # which modules gather together; the shards and their state are the same
     "gradient_checkpointing_fraction": "may_change",  # recomputation gives the same activations
 }
@@ -76,8 +76,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--optimizer_step_in_backward",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="step each parameter as soon as its gradient is final and free the gradient (gradient release; "
-        "FSDP2 layout; no global-norm clipping: needs --max_grad_norm 0; no fp16) (default: from the plan)",
+        help="step the weights in backward as soon as their gradient is final and free the gradient (gradient "
+        "release: each flat chunk on one process, each parameter's shard under FSDP2; no global-norm clipping: "
+        "needs --max_grad_norm 0; no fp16) (default: from the plan)",
     )
 
 
@@ -149,9 +150,4 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(
                 "--optimizer_step_in_backward with --mixed_precision fp16: loss scaling must see every gradient "
                 "before any step; use bf16"
-            )
-        if args.sharding == "none":
-            raise ValueError(
-                "--optimizer_step_in_backward needs per-parameter gradients (FSDP2): use --sharding auto or "
-                "full_shard, not none (the flat layout's gradients are one preallocated buffer)"
             )

@@ -9,7 +9,7 @@ explicitly replace the rung's value before the estimate, so they always win and 
   fast_bf16    bf16 weights with stochastic rounding, AdamW8bit, no checkpointing
   balanced     fp32 master weights, AdamW8bit, checkpointing               (the defaults before the plan)
   lean         bf16 weights with stochastic rounding, AdamW8bit, checkpointing (the flat layout on one GPU)
-  lean_release lean + the optimizer step in backward (FSDP2, even on one GPU): no gradients held at once
+  lean_release lean + the optimizer step in backward: no gradients held at once
   offload      fp32 master weights, AdamW, checkpointing, FSDP2 CPU offload of weights, gradients and state
 
 The estimate is per rank, for full-size SDXL base (2.57 B parameters) at 1024 px, from the step's measured peaks
@@ -35,6 +35,7 @@ FIXED_GIB = 1.5  # workspaces, fragmentation, one tensor's fp32 copy for stochas
 LARGEST_UNIT_PARAMETERS = {"blocks": 1_206_568_960, "layers": 49_164_800}
 FSDP_UNITS_AUTO_BELOW_GIB = 64  # --fsdp_units auto: layers on smaller cards, blocks (fewer, larger) above
 USABLE_FRACTION = 0.92
+OPEN_CHUNKS_GIB = 0.5  # the flat step in backward: gradient buffers of the chunks a backward has open (a few)
 PLANS = ("auto", "fast", "fast_8bit", "fast_bf16", "balanced", "lean", "lean_release", "offload")
 PLAN_FIELDS = ("gradient_checkpointing", "master_weights", "optimizer", "optimizer_step_in_backward", "cpu_offload")
 OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "lion8bit": 1.0, "adafactor": 0.05}
@@ -62,9 +63,8 @@ CPU_PLAN = "balanced"  # no GPU: today's CPU behaviour (the test suite's default
 
 
 def uses_fsdp(recipe: Recipe, world_size: int) -> bool:
-    """What `--sharding auto` picks: the flat one-process layout unless several processes, CPU offload or the
-    step in backward (whose gradient release needs per-parameter gradients, which the flat layout does not have)."""
-    return world_size > 1 or recipe.cpu_offload or recipe.optimizer_step_in_backward
+    """What `--sharding auto` picks: the flat one-process layout unless several processes or CPU offload."""
+    return world_size > 1 or recipe.cpu_offload
 
 
 def fsdp_units(choice: str, gpu_gib: float | None) -> str:
@@ -100,8 +100,13 @@ def estimate_gib(recipe: Recipe, batch: int, world_size: int = 1, shard_size: in
     state = OPTIMIZER_STATE_BYTES[recipe.optimizer]
     if not uses_fsdp(recipe, world_size):
         # Flat layout: fp32 masters + bf16 compute copy and both gradients; bf16 weights: one copy, one gradient.
-        per_param = (2 + 2 if bf16 else 6 + 6) + state
-        model_gib = parameters * per_param / GIB
+        # The step in backward holds no flat gradient, only the chunks' still open (gradient_release.py).
+        weights, grads = (2, 2) if bf16 else (6, 6)
+        if recipe.optimizer_step_in_backward:
+            grads = 0
+        model_gib = parameters * (weights + grads + state) / GIB
+        if recipe.optimizer_step_in_backward:
+            model_gib += OPEN_CHUNKS_GIB
     else:
         weights = 2 if bf16 else 4
         grads = 0 if recipe.optimizer_step_in_backward else weights

@@ -37,7 +37,7 @@ from sdxl_trainer.training import (
 from sdxl_trainer.training import checkpoint as ckpt
 from sdxl_trainer.training.ema import EmaError, EmaWeights
 from sdxl_trainer.training.flat_master import FlatMasterOptimizer
-from sdxl_trainer.training.gradient_release import GradientReleaseOptimizer
+from sdxl_trainer.training.gradient_release import FlatReleaseOptimizer, GradientReleaseOptimizer
 from sdxl_trainer.training.run_log import (
     RunLogger,
     logger,
@@ -127,9 +127,7 @@ def setup(args: argparse.Namespace) -> Trainer:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     try:  # resolved first: the resume check compares the resolved layout with the checkpoint's
-        args.sharding = sharding.resolve_strategy(
-            args.sharding, info, args.cpu_offload, args.optimizer_step_in_backward
-        )
+        args.sharding = sharding.resolve_strategy(args.sharding, info, args.cpu_offload)
     except sharding.ShardingError as exc:
         raise TrainingError(str(exc)) from exc
     args.compile = compiling.resolve_choice(args.compile, info.device.type, args.sharding)
@@ -199,7 +197,8 @@ def _build(args: argparse.Namespace, info: DistInfo, run_dir: Path, folder: dict
         )  # fmt: skip
         fp8_plan.convert(unet)  # before the flat layout: Float8Linear keeps the same parameter objects
         compute = sharding.COMPUTE_DTYPES[args.mixed_precision]
-        optimizer = FlatMasterOptimizer(unet, optimizer_name, inner, compute, info.device, bf16_weights)
+        flat = FlatReleaseOptimizer if args.optimizer_step_in_backward else FlatMasterOptimizer
+        optimizer = flat(unet, optimizer_name, inner, compute, info.device, bf16_weights)
         elements = optimizer.master.numel()
         shards = {"parameters": len(optimizer.params), "local_elements": elements, "global_elements": elements}
     else:

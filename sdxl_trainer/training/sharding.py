@@ -11,8 +11,7 @@ Strategies, all expressed as a device mesh plus `reshard_after_forward`:
   no_shard       2-D mesh (world, 1): replicated everywhere, gradients all-reduced (DDP-equivalent)
   hybrid_shard   2-D mesh (nodes, GPUs per node): sharded inside a machine, replicated across machines
   none           one process, no FSDP: flat bf16 compute weights and flat fp32 master weights (flat_master.py)
-  auto           (default) none on one process, full_shard on several, with --cpu_offload or with
-                 --optimizer_step_in_backward (gradient release needs FSDP2's per-parameter gradients)
+  auto           (default) none on one process, full_shard on several or with --cpu_offload
 
 With --master_weights bf16_stochastic the sharded parameters are bf16 (no fp32 masters): the compute dtype is
 theirs, so FSDP2 casts nothing; gradients are still reduced in fp32, then kept in bf16.
@@ -35,14 +34,11 @@ class ShardingError(RuntimeError):
     """Sharding was asked for (--sharding) and is not in effect."""
 
 
-def resolve_strategy(strategy: str, info: DistInfo, cpu_offload: bool, step_in_backward: bool = False) -> str:
-    """`auto`: no FSDP on one process (nothing to shard: flat_master.py, measured faster), FULL_SHARD on several,
-    with --cpu_offload (FSDP2's offload is the way a 24 GiB card holds the optimizer) or with the optimizer step in
-    backward (it frees each parameter's gradient; the flat layout has one gradient buffer for all)."""
+def resolve_strategy(strategy: str, info: DistInfo, cpu_offload: bool) -> str:
+    """`auto`: no FSDP on one process (nothing to shard: flat_master.py, measured faster), FULL_SHARD on several
+    or with --cpu_offload (FSDP2's offload is the way a 24 GiB card holds the optimizer)."""
     if strategy == "auto":
-        return "none" if info.world_size == 1 and not cpu_offload and not step_in_backward else "full_shard"
-    if strategy == "none" and step_in_backward:
-        raise ShardingError("--optimizer_step_in_backward needs FSDP2: use --sharding full_shard (or auto)")
+        return "none" if info.world_size == 1 and not cpu_offload else "full_shard"
     if strategy == "none" and info.world_size > 1:
         raise ShardingError(
             f"--sharding none trains in one process; this run has {info.world_size}: use full_shard (or auto)"
