@@ -18,9 +18,9 @@ with a zero gradient, as the ordinary flat step would.
 What it cannot do, refused at start (`memory_args.check_args`): global-norm clipping (every gradient is needed
 before the first step) and fp16 loss scaling (the same). Gradient accumulation works, without the memory gain: the
 hooks step only in the last micro-batch's backward; before it the gradients accumulate as usual (FSDP2: in the
-sharded gradients; flat: in the chunk buffers, in the master weights' dtype). The gradient norm is still measured (a sum of squares per
-rank, added up in the step's one all-gather). A non-finite gradient cannot be skipped after the fact: the loss is
-still checked, and --max_nonfinite_steps still stops the run.
+sharded gradients; flat: in the chunk buffers, in the master weights' dtype). The gradient norm is still measured
+(a sum of squares per rank, added up in the step's one all-gather). A non-finite gradient cannot be skipped after
+the fact: the loss is still checked, and --max_nonfinite_steps still stops the run.
 """
 
 from __future__ import annotations
