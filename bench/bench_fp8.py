@@ -193,10 +193,10 @@ def main() -> None:
             gap_runs[name] = r
             r = {k: v for k, v in r.items() if k not in ("losses", "grad_norms")}  # the curves go in the gap lines
         print(json.dumps(r), flush=True)
-    if "gap_bf16" in gap_runs:
-        for name, r in gap_runs.items():
-            if name != "gap_bf16" and "losses" in r and "losses" in gap_runs["gap_bf16"]:
-                print(json.dumps(gap_figures(gap_runs["gap_bf16"], r)), flush=True)
+        # Each FP8 run's gap as soon as both runs exist (gap_bf16 runs first): a timeout keeps what finished.
+        reference = gap_runs.get("gap_bf16", {})
+        if name.startswith("gap_") and name != "gap_bf16" and "losses" in reference and "losses" in gap_runs[name]:
+            print(json.dumps(gap_figures(reference, gap_runs[name])), flush=True)
     if args.set in ("levers", "all") and not args.only and not args.smoke:
         r = run_child(PROFILED, common, profile=True)
         print(json.dumps(dict(name=f"profile_{PROFILED}", profile=r.get("profile"), error=r.get("error"))), flush=True)

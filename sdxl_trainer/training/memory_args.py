@@ -69,7 +69,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         help="with gradient checkpointing, the fraction of the UNet's transformer blocks that are checkpointed "
         "(recomputed in backward), spread evenly; the others keep their activations: faster, more memory (up to "
-        "~0.087 GiB per 1024-px image per block of SDXL's 70). Resnets are always checkpointed. 0.5 is SimpleTuner's "
+        "~0.084 GiB per 1024-px image per block of SDXL's 70). Resnets are always checkpointed. 0.5 is SimpleTuner's "
         "--gradient_checkpointing_interval 2. Counted in the plan's estimate (default: 1, all)",
     )
     g.add_argument(

@@ -13,7 +13,7 @@ explicitly replace the rung's value before the estimate, so they always win and 
   offload      fp32 master weights, AdamW, checkpointing, FSDP2 CPU offload of weights, gradients and state
 
 The estimate is per rank, for full-size SDXL base (2.57 B parameters) at 1024 px, from the step's measured peaks
-on an H200 (README, Memory): activations 6.5 GiB per image without checkpointing, 0.52 with it; bytes per
+on an H200 (README, Memory): activations 6.5 GiB per image without checkpointing, 0.65 with it; bytes per
 parameter from the layout (flat one-process: bf16 compute copy + fp32 master, and their gradients; FSDP2:
 sharded over the shard group, plus the largest FSDP unit's transients, `unit_gib`); plus a fixed allowance for
 kernels' workspaces, one tensor's fp32 copy for stochastic rounding and the allocator's fragmentation. A rung
@@ -26,16 +26,18 @@ from dataclasses import asdict, dataclass, replace
 
 GIB = 2**30
 SDXL_UNET_PARAMETERS = 2_567_463_684
-# By gradient checkpointing, 1024 px, measured on an H200. With it: the lean plan at batch 8 on the flat layout,
-# compiled, peaked at 20.0 GiB (15.8 of weights, gradients, 8-bit state and the fixed allowance); 0.41, from eager
-# FSDP2 runs, let the plan pick lean at batch 12 under a 24 GiB cap, which ran out of memory at 21.9 GiB.
-ACTIVATION_GIB_PER_IMAGE = {True: 0.52, False: 6.5}
-FIXED_GIB = 1.5  # workspaces, fragmentation, one tensor's fp32 copy for stochastic rounding
+# By gradient checkpointing, 1024 px, measured on an H200. With it, from the flat layout's compiled peaks under a
+# 24 GiB cap (bench/results/memory_release_h200_2026-12-03.jsonl and memory_lean_h200_2026-12-03.jsonl), which this
+# slope and FIXED_GIB meet within 0.6 GiB: lean B8 20.0, lean B16 25.5 (uncapped), lean B12 out of memory above
+# 22.3; lean_release B1 11.0, B16 20.8, B20 out of memory above 22.9. (0.41 came from eager FSDP2 runs; 0.52 with
+# a fixed 1.5 met lean B8 alone and under-counted batch 16 by 1.3 GiB.)
+ACTIVATION_GIB_PER_IMAGE = {True: 0.65, False: 6.5}
+FIXED_GIB = 0.6  # workspaces, fragmentation, one chunk's fp32 copy for stochastic rounding
 # Parameters of the largest FSDP unit: SDXL's first up block, or its largest layer (a 1280-channel resnet).
 LARGEST_UNIT_PARAMETERS = {"blocks": 1_206_568_960, "layers": 49_164_800}
 FSDP_UNITS_AUTO_BELOW_GIB = 64  # --fsdp_units auto: layers on smaller cards, blocks (fewer, larger) above
 USABLE_FRACTION = 0.92
-OPEN_CHUNKS_GIB = 0.5  # the flat step in backward: gradient buffers of the chunks a backward has open (a few)
+OPEN_CHUNKS_GIB = 0.3  # the flat step in backward: gradient buffers of the chunks a backward has open (a few)
 PLANS = ("auto", "fast", "fast_8bit", "fast_bf16", "balanced", "lean", "lean_release", "offload")
 PLAN_FIELDS = ("gradient_checkpointing", "master_weights", "optimizer", "optimizer_step_in_backward", "cpu_offload")
 OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "lion8bit": 1.0, "adafactor": 0.05}
