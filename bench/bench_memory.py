@@ -18,7 +18,8 @@ not written (memory and speed of training steps are measured, not a 15 GB write)
 With --only also: fake8_balanced_B8, cap24_lean_B16 (kohya's batch under the same cap), cap24_lean_release_B16 (the
 flat layout's step in backward), cap24_lean_release_fused_B16 and _B20 (with --adamw_kernel fused),
 cap24_lean_release_fsdp_B16 (the step in backward under FSDP2 on one GPU),
-cap24_auto_B8, cap24_lean_B12, lean_B8 and lean_B16 (uncapped: what the cap costs), lean_frac50_B8 and
+cap24_auto_B8, cap16_auto_B8 (the optimizer state in CPU RAM), cap24_lean_B12, lean_B8 and lean_B16 (uncapped: what
+the cap costs), lean_frac50_B8 and
 cap24_lean_frac95_B8 (--gradient_checkpointing_fraction), cap24_lean_fused_B8 (--adamw_kernel fused),
 cap24_lean_stages_B8 and cap24_lean_blocks_B8 (--compile), cap24_lean_fused_B12, fake2_balanced_blocks_B8
 (--fsdp_units blocks).
@@ -70,6 +71,7 @@ EXTRA = {
         batch=20, flags=["--memory_plan", "lean_release", "--adamw_kernel", "fused"], cap=24.0, world=1
     ),  # fmt: skip
     "cap24_auto_B8": dict(batch=8, flags=[], cap=24.0, world=1),
+    "cap16_auto_B8": dict(batch=8, flags=[], cap=16.0, world=1),  # expected: lean_state_offload (state in CPU RAM)
     "cap24_lean_B12": dict(batch=12, flags=["--memory_plan", "lean"], cap=24.0, world=1),
     "lean_B8": dict(batch=8, flags=["--memory_plan", "lean"], cap=None, world=1),  # what the cap costs
     "lean_B16": dict(batch=16, flags=["--memory_plan", "lean"], cap=None, world=1),  # per-step costs amortized

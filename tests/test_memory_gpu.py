@@ -1,7 +1,8 @@
 """GPU: the memory plans on the tiny model (bf16 stochastic weights on the flat layout with compilation, gradient
 release on the flat layout and under FSDP2 with per-layer units): they train, stay finite and keep bf16 weights;
-and a resume of the lean_release plan (both layouts, both 8-bit kernels), and of lean with the fused 8-bit step, on
-one GPU continues exactly (the rounding stream on the GPU is in the checkpoint).
+and a resume of the lean_release plan (both layouts, both 8-bit kernels), of lean with the fused 8-bit step and of
+lean_state_offload (the state in CPU RAM), on one GPU continues exactly (the rounding stream on the GPU is in the
+checkpoint).
 
     pytest -m gpu tests/test_memory_gpu.py
 Full-size figures are bench/bench_memory.py's.
@@ -49,6 +50,7 @@ VARIANTS = {
     "lean_release": ["--memory_plan", "lean_release"],  # the flat layout, its chunks stepped in backward
     "lean_release_fused": ["--memory_plan", "lean_release", "--adamw_kernel", "fused"],
     "lean_release_fsdp": ["--memory_plan", "lean_release", "--sharding", "full_shard"],
+    "lean_state_offload": ["--memory_plan", "lean_state_offload"],  # the 8-bit state in pinned CPU RAM
 }
 
 
@@ -63,7 +65,9 @@ def test_lean_plans_train_on_the_gpu_with_bf16_weights(tiny_model_dir, cache_roo
     assert {v.dtype for v in _weights(last).values()} == {torch.bfloat16}
 
 
-@pytest.mark.parametrize("plan", ["lean_release", "lean_release_fused", "lean_release_fsdp", "lean_fused"])
+@pytest.mark.parametrize(
+    "plan", ["lean_release", "lean_release_fused", "lean_release_fsdp", "lean_fused", "lean_state_offload"]
+)
 def test_lean_plans_resume_exactly_on_the_gpu(tiny_model_dir, cache_root, tmp_path, plan):
     """lean_release (the step in backward: flat chunks, FSDP2 shards) and the fused 8-bit step (torchao's compiled
     kernel, its rounding stream in the checkpoint)."""

@@ -16,8 +16,9 @@ from sdxl_trainer.training import memory_plan, train_args
         (24, 1, 8, "lean"),  # bf16 weights + SR, AdamW8bit, checkpointing, flat layout: 20.0 GiB measured
         (24, 1, 12, "lean_release"),  # lean at batch 12 ran out of memory under a 24 GiB cap (H200)
         (24, 1, 16, "lean_release"),  # + the step in backward (the flat layout on one GPU): 20.8 GiB measured
-        (24, 1, 20, "offload"),  # lean_release at batch 20 ran out of memory under the cap
+        (24, 1, 20, "lean_state_offload"),  # lean_release at batch 20 ran out of memory under the cap
         (16, 1, 1, "lean_release"),  # 11.0 GiB measured
+        (16, 1, 8, "lean_state_offload"),  # the 8-bit state (4.8 GiB) in CPU RAM: 10.9 GiB by the estimate
         (48, 1, 8, "balanced"),  # fp32 masters, AdamW8bit, checkpointing
         (80, 1, 8, "fast_bf16"),  # no checkpointing: bf16 weights make room for the activations
         (141, 1, 8, "fast"),  # fp32 masters, AdamW, no checkpointing (the 1.87x recipe on an H200)
@@ -91,6 +92,7 @@ def test_flags_are_resolved_from_the_plan_and_logged(tmp_path):
     [
         (["--optimizer_step_in_backward", "--max_grad_norm", "1"], "--max_grad_norm"),
         (["--optimizer_step_in_backward", "--mixed_precision", "fp16"], "fp16"),
+        (["--offload_optimizer_state"], "needs a CUDA GPU"),  # this CPU machine
         (["--master_weights", "bf16_stochastic", "--mixed_precision", "no"], "--master_weights bf16_stochastic"),
         (["--memory_plan", "huge"], "--memory_plan"),
         (["--gpu_memory_gib", "-2"], "--gpu_memory_gib"),
@@ -109,7 +111,8 @@ def test_an_ema_on_the_gpu_is_counted(tmp_path):
     with_ema = _parse(tmp_path, *base, "--use_ema")
     assert with_ema.memory_plan_chosen == "lean_release" and with_ema.optimizer_step_in_backward
     assert _parse(tmp_path, *base, "--use_ema", "--ema_device", "cpu").memory_plan_chosen == "fast_bf16"
-    assert memory_plan.choose("auto", 24, 8, extra_gib=memory_plan.ema_gib(1))[0] == "offload"
+    assert memory_plan.choose("auto", 24, 8, extra_gib=memory_plan.ema_gib(1))[0] == "lean_state_offload"
+    assert memory_plan.choose("auto", 24, 16, extra_gib=memory_plan.ema_gib(1))[0] == "offload"
 
 
 def test_expandable_segments_are_preferred_unless_the_user_set_the_allocator(monkeypatch):
@@ -139,3 +142,23 @@ def test_the_plan_uses_the_memory_free_at_start(tmp_path, monkeypatch):
     assert args.memory_plan_chosen == "lean_release"
     assert "fits in 21.0 GiB (free at start, of 24.0 GiB)" in args.memory_plan_summary
     assert _parse(tmp_path, "--train_batch_size", "8", "--gpu_memory_gib", "24").memory_plan_chosen == "lean"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--cpu_offload"], "--cpu_offload"),
+        (["--master_weights", "fp32", "--no-optimizer_step_in_backward"], "--master_weights bf16_stochastic"),
+        (["--master_weights", "bf16_stochastic", "--adamw_kernel", "fused", "--optimizer", "adamw8bit"],
+         "--adamw_kernel foreach"),
+    ],
+)  # fmt: skip
+def test_what_the_state_offload_cannot_do_is_refused_on_a_gpu(tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")  # parse_args would set it on a "CUDA machine"
+    base = ["--gpu_memory_gib", "80", "--mixed_precision", "bf16", "--offload_optimizer_state"]
+    with pytest.raises(SystemExit):
+        _parse(tmp_path, *base, *extra)
+    assert message in capsys.readouterr().err
+    args = _parse(tmp_path, "--gpu_memory_gib", "16", "--mixed_precision", "bf16", "--train_batch_size", "8")
+    assert args.memory_plan_chosen == "lean_state_offload" and args.offload_optimizer_state

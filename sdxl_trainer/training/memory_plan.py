@@ -10,6 +10,7 @@ explicitly replace the rung's value before the estimate, so they always win and 
   balanced     fp32 master weights, AdamW8bit, checkpointing               (the defaults before the plan)
   lean         bf16 weights with stochastic rounding, AdamW8bit, checkpointing (the flat layout on one GPU)
   lean_release lean + the optimizer step in backward: no gradients held at once
+  lean_state_offload  lean_release + the optimizer state in CPU RAM, on the GPU one chunk's at a time
   offload      fp32 master weights, AdamW, checkpointing, FSDP2 CPU offload of weights, gradients and state
 
 The estimate is per rank, for full-size SDXL base (2.57 B parameters) at 1024 px, from the step's measured peaks
@@ -38,8 +39,11 @@ LARGEST_UNIT_PARAMETERS = {"blocks": 1_206_568_960, "layers": 49_164_800}
 FSDP_UNITS_AUTO_BELOW_GIB = 64  # --fsdp_units auto: layers on smaller cards, blocks (fewer, larger) above
 USABLE_FRACTION = 0.92
 OPEN_CHUNKS_GIB = 0.3  # the flat step in backward: gradient buffers of the chunks a backward has open (a few)
-PLANS = ("auto", "fast", "fast_8bit", "fast_bf16", "balanced", "lean", "lean_release", "offload")
-PLAN_FIELDS = ("gradient_checkpointing", "master_weights", "optimizer", "optimizer_step_in_backward", "cpu_offload")
+PLANS = ("auto", "fast", "fast_8bit", "fast_bf16", "balanced", "lean", "lean_release", "lean_state_offload", "offload")
+PLAN_FIELDS = (
+    "gradient_checkpointing", "master_weights", "optimizer", "optimizer_step_in_backward", "offload_optimizer_state",
+    "cpu_offload",
+)  # fmt: skip
 OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "lion8bit": 1.0, "adafactor": 0.05}
 
 
@@ -50,6 +54,7 @@ class Recipe:
     optimizer: str
     optimizer_step_in_backward: bool
     cpu_offload: bool
+    offload_optimizer_state: bool = False
 
 
 RUNGS = {
@@ -59,6 +64,7 @@ RUNGS = {
     "balanced": Recipe(True, "fp32", "adamw8bit", False, False),
     "lean": Recipe(True, "bf16_stochastic", "adamw8bit", False, False),
     "lean_release": Recipe(True, "bf16_stochastic", "adamw8bit", True, False),
+    "lean_state_offload": Recipe(True, "bf16_stochastic", "adamw8bit", True, False, offload_optimizer_state=True),
     "offload": Recipe(True, "fp32", "adamw", False, True),
 }
 CPU_PLAN = "balanced"  # no GPU: today's CPU behaviour (the test suite's defaults)
@@ -99,7 +105,7 @@ def estimate_gib(recipe: Recipe, batch: int, world_size: int = 1, shard_size: in
     """Peak GPU memory per rank (GiB) of one training step with `batch` images of 1024 px per rank."""
     shard = shard_size or world_size
     bf16 = recipe.master_weights == "bf16_stochastic"
-    state = OPTIMIZER_STATE_BYTES[recipe.optimizer]
+    state = 0.0 if recipe.offload_optimizer_state else OPTIMIZER_STATE_BYTES[recipe.optimizer]
     if not uses_fsdp(recipe, world_size):
         # Flat layout: fp32 masters + bf16 compute copy and both gradients; bf16 weights: one copy, one gradient.
         # The step in backward holds no flat gradient, only the chunks' still open (gradient_release.py).

@@ -189,7 +189,8 @@ def _build(args: argparse.Namespace, info: DistInfo, run_dir: Path, folder: dict
             inner = fused_adamw8bit.factory(args, rounding)
             optimizer_name = args.optimizer + fused_adamw8bit.NAME_SUFFIX
         else:  # one inner optimizer per tensor (tensorwise.py)
-            inner = tensorwise.factory(inner, args.learning_rate, bf16_weights, rounding)
+            state_device = torch.device("cpu") if args.offload_optimizer_state else None
+            inner = tensorwise.factory(inner, args.learning_rate, bf16_weights, rounding, state_device)
     if args.sharding == "none":
         unet = sharding.build_single_process_unet(
             args.pretrained_model_name_or_path, args.gradient_checkpointing, load_base_weights=resume_path is None,
