@@ -40,7 +40,8 @@ TRAINER_FLAGS = [
     "--masked_loss",
     # issue 14: the memory plan (training/memory_args.py)
     "--memory_plan", "--gpu_memory_gib", "--master_weights", "--optimizer_step_in_backward",
-    "--no-optimizer_step_in_backward", "--fsdp_units", "--gradient_checkpointing_fraction",
+    "--no-optimizer_step_in_backward", "--fsdp_units", "--gradient_checkpointing_fraction", "--offload_optimizer_state",
+    "--no-offload_optimizer_state",
     # issue 17a: EMA (training/ema_args.py)
     "--use_ema", "--ema_decay", "--ema_min_decay", "--ema_update_after_step", "--ema_warmup", "--ema_inv_gamma",
     "--ema_power", "--ema_update_every_steps", "--ema_device", "--ema_for_eval", "--no-ema_for_eval",

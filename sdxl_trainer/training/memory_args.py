@@ -39,10 +39,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         choices=memory_plan.PLANS,
         default="auto",
         help="auto (default): from the GPU's memory, the batch and the number of processes, the fastest of fast, "
-        "fast_8bit, fast_bf16, balanced, lean, offload whose estimate fits (no GPU: balanced, the CPU defaults); or "
-        "one of them by name. It sets --optimizer, --gradient_checkpointing, --master_weights, "
-        "--optimizer_step_in_backward, --cpu_offload and --max_grad_norm where they are not given; the choice and "
-        "its estimate are logged at start",
+        "fast_8bit, fast_bf16, balanced, lean, lean_release, lean_state_offload, offload whose estimate fits (no "
+        "GPU: balanced, the CPU defaults); or one of them by name. It sets --optimizer, --gradient_checkpointing, "
+        "--master_weights, --optimizer_step_in_backward, --offload_optimizer_state, --cpu_offload and "
+        "--max_grad_norm where they are not given; the choice and its estimate are logged at start",
     )
     g.add_argument(
         "--gpu_memory_gib",
