@@ -113,3 +113,13 @@ def test_bf16_weights_train_in_backward_and_stay_views_of_the_flat_buffer(monkey
     for p in model.parameters():
         assert p.dtype == torch.bfloat16 and p.grad is None
         assert opt.compute.data_ptr() <= p.data_ptr() < opt.compute.data_ptr() + opt.compute.numel() * 2
+
+
+def test_a_second_gradient_for_a_stepped_chunk_is_refused_not_lost(monkeypatch):
+    model = _Model(3)
+    opt = _released(model, monkeypatch=monkeypatch)
+    x = torch.randn(4, 70)
+    opt.arm(last_micro_batch=True)
+    model(x).sum().backward()  # every chunk with gradients is stepped here
+    with pytest.raises(RuntimeError, match="arrived twice in one backward"):
+        model(x).sum().backward()  # a second backward inside the same armed step

@@ -32,6 +32,11 @@ import torch
 from sdxl_trainer.training.flat_master import BF16_CHUNK_ELEMENTS, FlatMasterOptimizer
 from sdxl_trainer.training.optimizers import LocalShardOptimizer, _local
 
+_TWICE = (
+    "a parameter's gradient arrived twice in one backward; the step in backward needs each parameter's gradient "
+    "once (use --no-optimizer_step_in_backward)"
+)
+
 
 class _StepsInBackward:
     """What both layouts share: arming, the gradient norm measured on the way, nothing left for `step()`."""
@@ -135,6 +140,8 @@ class FlatReleaseOptimizer(_StepsInBackward, FlatMasterOptimizer):
         for chunk, begin, end, at in self._pieces[id(p)]:
             self._buffer(chunk)[at : at + end - begin].add_(grad[begin:end])
             if self.armed:
+                if self._remaining[chunk] < end - begin:  # stepped already: its gradient would be lost
+                    raise RuntimeError(_TWICE)
                 self._remaining[chunk] -= end - begin
                 if self._remaining[chunk] == 0:
                     self._step_chunk(chunk)
