@@ -18,9 +18,9 @@ tensors (8-bit moments and their block scales, fp32 moments) live in pinned host
 state to the GPU, steps, and copies it back, so the GPU holds one tensor's state at a time instead of all of it
 (AdamW8bit on SDXL: 4.8 GiB). Copies are queued on the current stream without waiting on the host (the allocator
 reuses a freed GPU block only after the copy out of it, on the same stream); the host waits once before reading
-the state for a checkpoint. Written by hand because torchao's `CPUOffloadOptimizer` steps on the CPU and
-bitsandbytes' paged optimizers page through CUDA managed memory, which neither this per-chunk step nor the
-`set_per_process_memory_fraction` cap of the benches sees.
+the state for a checkpoint. Written by hand because torchao's `CPUOffloadOptimizer` steps on the CPU (slow for
+2.6 B parameters), and bitsandbytes' paged optimizers move state only under memory pressure, through CUDA managed
+memory that PyTorch's allocator does not count, so neither the plan's estimate nor a memory cap could rely on it.
 """
 
 from __future__ import annotations
