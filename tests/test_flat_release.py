@@ -46,26 +46,11 @@ def _released(model, name="adamw", compute=None, bf16_weights=False, monkeypatch
     return gradient_release.FlatReleaseOptimizer(model, name, inner, compute, torch.device("cpu"), bf16_weights)
 
 
-def _batches(steps: int, micro: int):
-    g = torch.Generator().manual_seed(0)
-    return [[(torch.randn(8, 70, generator=g), torch.randn(8, 3, generator=g)) for _ in range(micro)]
-            for _ in range(steps)]  # fmt: skip
-
-
 def _train(model, opt, steps: int, micro: int) -> list[float]:
     """Optimizer steps over `micro` micro-batches each, the way train_step drives the two kinds of optimizer."""
-    losses = []
-    for batches in _batches(steps, micro):
-        for i, (x, y) in enumerate(batches):
-            if getattr(opt, "steps_in_backward", False):
-                opt.arm(last_micro_batch=i == micro - 1)
-            loss = torch.nn.functional.mse_loss(model(x).float(), y) / micro
-            loss.backward()
-            opt.after_backward()
-            losses.append(loss.item())
-        opt.step()
-        opt.zero_grad()
-    return losses
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 70, generator=g), torch.randn(8, 3, generator=g)) for _ in range(steps * micro)]
+    return optimizer_steps(model, opt, batches, micro)
 
 
 @pytest.mark.parametrize("micro", [1, 2])

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from train_helpers import base_args, read_metrics, write_synthetic_cache
+from train_helpers import assert_resume_is_exact, base_args, checkpoint_weights, read_metrics, write_synthetic_cache
 
 import sdxl_fsdp_train
 
@@ -37,13 +36,6 @@ def _argv(model, cache, out, *extra):
     return argv
 
 
-def _weights(step_dir):
-    out = {}
-    for f in sorted((step_dir / "model").glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
 VARIANTS = {
     "lean": ["--memory_plan", "lean"],
     "lean_fused": ["--memory_plan", "lean", "--adamw_kernel", "fused"],
@@ -62,7 +54,7 @@ def test_lean_plans_train_on_the_gpu_with_bf16_weights(tiny_model_dir, cache_roo
     steps = read_metrics(out)
     assert len(steps) == 4 and all(r["finite"] and r["grad_norm"] > 0 for r in steps)
     (last,) = sorted((out / "checkpoints").glob("step-*"))
-    assert {v.dtype for v in _weights(last).values()} == {torch.bfloat16}
+    assert {v.dtype for v in checkpoint_weights(last).values()} == {torch.bfloat16}
 
 
 @pytest.mark.parametrize(
@@ -72,17 +64,11 @@ def test_lean_plans_resume_exactly_on_the_gpu(tiny_model_dir, cache_root, tmp_pa
     """lean_release (the step in backward: flat chunks, FSDP2 shards) and the fused 8-bit step (torchao's compiled
     kernel, its rounding stream in the checkpoint)."""
     common = [*VARIANTS[plan], "--max_train_steps", "4", "--checkpointing_steps", "2", "--no-save_final_model"]
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    assert sdxl_fsdp_train.main(_argv(tiny_model_dir, cache_root, full, *common)) == 0
-    start = str(full / "checkpoints" / "step-2")
-    assert (
-        sdxl_fsdp_train.main(_argv(tiny_model_dir, cache_root, resumed, *common, "--resume_from_checkpoint", start))
-        == 0
-    )
-    a, b = read_metrics(full), read_metrics(resumed)
-    assert [(r["loss"], r["grad_norm"]) for r in b] == [(r["loss"], r["grad_norm"]) for r in a[2:]]
-    wa, wb = _weights(full / "checkpoints" / "step-4"), _weights(resumed / "checkpoints" / "step-4")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    def train(out, *extra):
+        assert sdxl_fsdp_train.main(_argv(tiny_model_dir, cache_root, out, *common, *extra)) == 0
+
+    assert_resume_is_exact(train, tmp_path / "full", tmp_path / "resumed")
 
 
 def test_the_8bit_step_on_a_side_stream_sees_the_gradient_written_there():

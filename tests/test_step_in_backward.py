@@ -8,8 +8,7 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from train_helpers import base_args, read_metrics, write_synthetic_cache
+from train_helpers import assert_resume_is_exact, base_args, checkpoint_weights, read_metrics, write_synthetic_cache
 
 import sdxl_fsdp_train
 
@@ -25,10 +24,7 @@ def cache_root(tmp_path_factory):
 
 def _weights(run) -> dict[str, torch.Tensor]:
     (step_dir,) = sorted((run / "checkpoints").glob("step-*"))
-    out = {}
-    for f in sorted((step_dir / "model").glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
+    return checkpoint_weights(step_dir)
 
 
 @pytest.mark.parametrize("sharding", ["full_shard", "none"])
@@ -77,16 +73,13 @@ def test_the_lean_step_in_backward_on_one_process_resumes_exactly(tiny_model_dir
     flags = ["--max_train_steps", "4", "--no-save_final_model", "--mixed_precision", "bf16", "--sharding", "none",
              "--memory_plan", "lean_release", "--optimizer", "adamw8bit", "--adamw_kernel", kernel,
              "--checkpointing_steps", "2", "--gradient_checkpointing"]  # fmt: skip
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, full, *flags)) == 0
-    start = ["--resume_from_checkpoint", str(full / "checkpoints" / "step-2")]
-    assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, resumed, *flags, *start)) == 0
-    a, b = read_metrics(full), read_metrics(resumed)
+
+    def train(out, *extra):
+        assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, out, *flags, *extra)) == 0
+
+    full = tmp_path / "full"
+    a, weights = assert_resume_is_exact(train, full, tmp_path / "resumed")
     assert len(a) == 4 and all(r["finite"] and r["grad_norm"] > 0 for r in a)
-    assert [(r["loss"], r["grad_norm"]) for r in b] == [(r["loss"], r["grad_norm"]) for r in a[2:]]
     config = json.loads((full / "config.json").read_text())
     assert config["optimizer_step_in_backward"] and config["sharding"] == "none" and config["max_grad_norm"] == 0
-    step4 = [load_file(str(next((run / "checkpoints" / "step-4" / "model").glob("*.safetensors"))))
-             for run in (full, resumed)]  # fmt: skip
-    assert step4[0].keys() == step4[1].keys() and all(torch.equal(step4[0][k], step4[1][k]) for k in step4[0])
-    assert {v.dtype for v in step4[0].values()} == {torch.bfloat16}
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16}

@@ -89,19 +89,46 @@ def run_trainer_script(argv: list[str], out_dir: Path, timeout_s: int, nproc: in
     return read_metrics(out_dir)
 
 
-def optimizer_steps(model: torch.nn.Module, opt, batches) -> list[float]:
-    """One optimizer step per (x, y) of `batches` on an MSE loss (computed in fp32); the losses. Calls the trainer
-    optimizers' `after_backward` where they have one (flat_master.py) and arms those that step in backward
-    (gradient_release.py)."""
+def optimizer_steps(model: torch.nn.Module, opt, batches, micro_batches: int = 1) -> list[float]:
+    """One optimizer step per `micro_batches` consecutive (x, y) of `batches` on an MSE loss (computed in fp32,
+    divided by `micro_batches`); the losses, one per micro-batch. Drives the trainer's optimizers as train_step does:
+    arms those that step in backward (gradient_release.py) for the last micro-batch, calls `after_backward` where
+    they have one (flat_master.py)."""
     losses = []
-    for x, y in batches:
+    for i, (x, y) in enumerate(batches):
+        last = (i + 1) % micro_batches == 0
         if getattr(opt, "steps_in_backward", False):
-            opt.arm(last_micro_batch=True)
-        loss = torch.nn.functional.mse_loss(model(x).float(), y)
+            opt.arm(last_micro_batch=last)
+        loss = torch.nn.functional.mse_loss(model(x).float(), y) / micro_batches
         loss.backward()
         if hasattr(opt, "after_backward"):
             opt.after_backward()
-        opt.step()
-        opt.zero_grad()
+        if last:
+            opt.step()
+            opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def checkpoint_weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint folder's model/ holds (every safetensors shard)."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted((step_dir / "model").glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def assert_resume_is_exact(train, full: Path, resumed: Path, stop_step: int = 2) -> tuple[list[dict], dict]:
+    """`train(out_dir, *extra_flags)` runs the trainer to its end (and asserts it succeeded): once in `full`, once in
+    `resumed` from `full`'s checkpoint at `stop_step`. The resumed run has the same losses and gradient norms after
+    the stop and the same final checkpoint's weights, bit for bit. Returns the full run's steps and final weights."""
+    train(full)
+    train(resumed, "--resume_from_checkpoint", str(full / "checkpoints" / f"step-{stop_step}"))
+    a, b = read_metrics(full), read_metrics(resumed)
+    assert [(r["loss"], r["grad_norm"]) for r in b] == [(r["loss"], r["grad_norm"]) for r in a[stop_step:]]
+    last = f"step-{len(a)}"
+    wa, wb = checkpoint_weights(full / "checkpoints" / last), checkpoint_weights(resumed / "checkpoints" / last)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    return a, wa

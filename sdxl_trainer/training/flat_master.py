@@ -151,9 +151,10 @@ class FlatMasterOptimizer:
         self.inner.step()
         self._refresh_compute()
 
-    def _refresh_compute(self) -> None:
+    def _refresh_compute(self, start: int = 0, end: int | None = None) -> None:
+        """The compute weights (elements start:end) from the fp32 masters; bf16 weights are their own."""
         if not self.bf16_weights:
-            self.compute.copy_(self.master)
+            self.compute[start:end].copy_(self.master[start:end])
 
     def zero_grad(self) -> None:
         if self.bf16_weights:

@@ -154,9 +154,7 @@ class FlatReleaseOptimizer(_StepsInBackward, FlatMasterOptimizer):
         self._add_grad_sq(view.grad)
         self.inner.step_tensor(chunk)
         view.grad = None
-        if not self.bf16_weights:
-            start, end = self.chunk_spans[chunk]
-            self.compute[start:end].copy_(self.master[start:end])
+        self._refresh_compute(*self.chunk_spans[chunk])
 
     def after_backward(self) -> None:
         """After the armed backward, step the chunks some of whose parameters got no gradient (zeros for those)."""

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from sdxl_trainer.training import memory_plan, partial_checkpointing
+from sdxl_trainer.training import fused_adamw8bit, memory_plan, partial_checkpointing
 
 MASTER_WEIGHTS = ("fp32", "bf16_stochastic")
 DEFAULT_MAX_GRAD_NORM = 1.0
@@ -181,5 +181,5 @@ def _check_state_offload(args: argparse.Namespace, plan: str) -> None:
             f"{flag} moves the state chunk by chunk around the step that bf16 weights or the step in backward take: "
             "give --master_weights bf16_stochastic or --optimizer_step_in_backward"
         )
-    if getattr(args, "adamw_kernel", None) == "fused" and args.optimizer == "adamw8bit":
+    if fused_adamw8bit.chosen(args):
         raise ValueError(f"{flag} is not done by the fused 8-bit step: use --adamw_kernel foreach")

@@ -110,11 +110,10 @@ def estimate_gib(recipe: Recipe, batch: int, world_size: int = 1, shard_size: in
         # Flat layout: fp32 masters + bf16 compute copy and both gradients; bf16 weights: one copy, one gradient.
         # The step in backward holds no flat gradient, only the chunks' still open (gradient_release.py).
         weights, grads = (2, 2) if bf16 else (6, 6)
+        open_chunks = 0.0
         if recipe.optimizer_step_in_backward:
-            grads = 0
-        model_gib = parameters * (weights + grads + state) / GIB
-        if recipe.optimizer_step_in_backward:
-            model_gib += OPEN_CHUNKS_GIB
+            grads, open_chunks = 0, OPEN_CHUNKS_GIB
+        model_gib = parameters * (weights + grads + state) / GIB + open_chunks
     else:
         weights = 2 if bf16 else 4
         grads = 0 if recipe.optimizer_step_in_backward else weights
