@@ -5,17 +5,15 @@ full-size random-weight SDXL UNet, `--sharding auto` = the flat one-process layo
 configuration, images/s over steady-state optimizer steps; the original recipe (bench_levers.py) as the baseline.
 The end-of-run checkpoint (15+ GB, never inside the timed steps) is skipped to keep the bench inside 8 minutes.
 
-Sets (each finishes in under 8 minutes on one H200; `--set all` runs them one after the other):
-  speed   the fast recipe (AdamW, no checkpointing, batch 12, --compile transformers) in bf16, FP8 tensorwise and
-          FP8 rowwise, plus the trainer's defaults (AdamW8bit, checkpointing, batch 8) with FP8 tensorwise
-  levers  what else the profile points at, on top of FP8 tensorwise: the 640-channel stages in FP8 too
-          (--fp8_min_features 640), resnets compiled too (--compile blocks); the defaults in bf16; and one profiled
-          FP8 step by kernel category (`profile` line; compare the README's bf16 breakdown)
-  best    the cheaper optimizer step (--adamw_kernel fused: one kernel instead of foreach's ~10 passes over the
-          fp32 masters and their state) in bf16 and FP8, and FP8 + fused at batch 16 (run after `speed`: the
-          compiled kernels then come from Inductor's on-disk cache)
+Sets (`--set all` runs them one after the other; split them with --only to fit a device call):
+  speed   the default plan uncapped (fast: AdamW over fp32 masters, no checkpointing, batch 12, --compile
+          transformers, --adamw_kernel auto = fused) against the same with the foreach AdamW step, and FP8
+          tensorwise with either step
+  levers  on top of FP8 tensorwise with the fused step: rowwise scaling, the 640-channel stages in FP8 too
+          (--fp8_min_features 640), resnets compiled too (--compile blocks; also in bf16), batch 16
   gap     numerics: bf16, FP8 tensorwise and FP8 rowwise from the same start (same weights, data, noise and
-          timesteps) for --gap_steps optimizer steps at batch 2, eager; per-step loss and gradient-norm gaps
+          timesteps) for --gap_steps optimizer steps at batch 2, compiled; per-step loss and gradient-norm gaps
+--profile NAMES adds one profiled step of each named configuration by kernel category (a separate child each).
 Random weights: speed and numerics only, never image quality.
 
     python bench/bench_fp8.py --set speed 2>&1 | grep '^{'
@@ -44,34 +42,43 @@ FAST = ["--optimizer", "adamw", "--no_gradient_checkpointing"]
 COMPILE = ["--compile", "transformers"]
 TENSORWISE = ["--fp8", "tensorwise"]
 ROWWISE = ["--fp8", "rowwise"]
+FOREACH = ["--adamw_kernel", "foreach"]  # torch's foreach AdamW: the step before --adamw_kernel auto chose fused
 FUSED = ["--adamw_kernel", "fused"]
+GAP = [*FAST, *COMPILE, *FOREACH, "--learning_rate", "3e-5"]
 
 CONFIGS = {
-    # speed
-    "fast_bf16_B12": dict(batch=12, flags=[*FAST, *COMPILE]),
-    "fast_fp8_tensorwise_B12": dict(batch=12, flags=[*FAST, *COMPILE, *TENSORWISE]),
-    "fast_fp8_rowwise_B12": dict(batch=12, flags=[*FAST, *COMPILE, *ROWWISE]),
-    "default_fp8_tensorwise_B8": dict(batch=8, flags=[*COMPILE, *TENSORWISE]),
-    # levers
-    "fast_fp8_tensorwise_min640_B12": dict(batch=12, flags=[*FAST, *COMPILE, *TENSORWISE, "--fp8_min_features", "640"]),
-    "fast_fp8_tensorwise_blocks_B12": dict(batch=12, flags=[*FAST, "--compile", "blocks", *TENSORWISE]),
-    "default_bf16_B8": dict(batch=8, flags=COMPILE),
-    # best: the cheaper optimizer step (--adamw_kernel fused) on top, and a larger batch
-    "fast_bf16_fused_B12": dict(batch=12, flags=[*FAST, *COMPILE, *FUSED]),
+    # speed: the default plan (uncapped on an H200: fast = AdamW over fp32 masters, no checkpointing, compiled
+    # transformer blocks, --adamw_kernel auto = fused) against the same with the foreach step, and FP8 tensorwise
+    "default_plan_B12": dict(batch=12, flags=[]),
+    "fast_bf16_B12": dict(batch=12, flags=[*FAST, *COMPILE, *FOREACH]),
+    "fast_fp8_tensorwise_B12": dict(batch=12, flags=[*FAST, *COMPILE, *TENSORWISE, *FOREACH]),
     "fast_fp8_tensorwise_fused_B12": dict(batch=12, flags=[*FAST, *COMPILE, *TENSORWISE, *FUSED]),
+    # levers, each on top of FP8 tensorwise with the fused step: rowwise scaling, the 640-channel stages in FP8
+    # too, resnets compiled too (--compile blocks; and the same in bf16), a larger batch (FP8 saves 12 GiB)
+    "fast_fp8_rowwise_fused_B12": dict(batch=12, flags=[*FAST, *COMPILE, *ROWWISE, *FUSED]),
+    "fast_fp8_tensorwise_fused_min640_B12": dict(
+        batch=12, flags=[*FAST, *COMPILE, *TENSORWISE, *FUSED, "--fp8_min_features", "640"]
+    ),
+    "fast_fp8_tensorwise_fused_blocks_B12": dict(batch=12, flags=[*FAST, "--compile", "blocks", *TENSORWISE, *FUSED]),
+    "fast_bf16_fused_blocks_B12": dict(batch=12, flags=[*FAST, "--compile", "blocks", *FUSED]),
     "fast_fp8_tensorwise_fused_B16": dict(batch=16, flags=[*FAST, *COMPILE, *TENSORWISE, *FUSED]),
-    # gap (eager: the numerics of FP8 do not depend on compilation; eager saves minutes of compiling)
-    "gap_bf16": dict(batch=2, flags=[*FAST, "--compile", "none", "--learning_rate", "3e-5"]),
-    "gap_fp8_tensorwise": dict(batch=2, flags=[*FAST, "--compile", "none", "--learning_rate", "3e-5", *TENSORWISE]),
-    "gap_fp8_rowwise": dict(batch=2, flags=[*FAST, "--compile", "none", "--learning_rate", "3e-5", *ROWWISE]),
+    # gap: compiled as a user runs FP8 (eager FP8 is host-bound: torchao's float8 tensor dispatches in Python, 1.51
+    # images/s at batch 2 against bf16's 7.18 on an H200); the same foreach step in all three
+    "gap_bf16": dict(batch=2, flags=GAP),
+    "gap_fp8_tensorwise": dict(batch=2, flags=[*GAP, *TENSORWISE]),
+    "gap_fp8_rowwise": dict(batch=2, flags=[*GAP, *ROWWISE]),
 }
 SETS = {
-    "speed": ["fast_bf16_B12", "fast_fp8_tensorwise_B12", "fast_fp8_rowwise_B12", "default_fp8_tensorwise_B8"],
-    "levers": ["fast_fp8_tensorwise_min640_B12", "fast_fp8_tensorwise_blocks_B12", "default_bf16_B8"],
-    "best": ["fast_bf16_fused_B12", "fast_fp8_tensorwise_fused_B12", "fast_fp8_tensorwise_fused_B16"],
+    "speed": ["default_plan_B12", "fast_bf16_B12", "fast_fp8_tensorwise_B12", "fast_fp8_tensorwise_fused_B12"],
+    "levers": [
+        "fast_fp8_rowwise_fused_B12",
+        "fast_fp8_tensorwise_fused_min640_B12",
+        "fast_fp8_tensorwise_fused_blocks_B12",
+        "fast_bf16_fused_blocks_B12",
+        "fast_fp8_tensorwise_fused_B16",
+    ],  # fmt: skip
     "gap": ["gap_bf16", "gap_fp8_tensorwise", "gap_fp8_rowwise"],
 }
-PROFILED = "fast_fp8_tensorwise_B12"  # profiled in the levers set (a separate child; its last warm-up step)
 
 
 def _smoke_flags(flags: list[str]) -> list[str]:
@@ -107,7 +114,7 @@ def child(work: Path, name: str, warmup_steps: int, timed_steps: int, smoke: boo
 
 
 def run_child(name: str, common: list[str], profile: bool = False) -> dict:
-    return bench_train.run_child(["--child", name, *common, *(["--profile"] if profile else [])], script=__file__)
+    return bench_train.run_child(["--child", name, *common, *(["--profile", name] if profile else [])], script=__file__)
 
 
 def gap_figures(reference: dict, other: dict, window: int = 20) -> dict:
@@ -148,21 +155,27 @@ def main() -> None:
     parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "sdxl_bench_train"))
     parser.add_argument("--smoke", action="store_true", help="tiny model and cache on CPU: checks the script runs")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
-    parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="comma-separated configurations to profile (GPU time by kernel "
+        "category of one steady step; a separate child each, after the timed ones)",
+    )
     args = parser.parse_args()
     work = Path(args.work_dir)
     if args.child:
         warmup, timed = args.warmup_steps, args.timed_steps
         if args.child.startswith("gap_"):
             warmup, timed = 1, args.gap_steps - 1
-        r = child(work, args.child, warmup, timed, args.smoke, args.profile)
+        r = child(work, args.child, warmup, timed, args.smoke, bool(args.profile))
         print(json.dumps(r), flush=True)
         return
 
     names = [n for n in args.only.split(",") if n] or [
         n for s, ns in SETS.items() if args.set in (s, "all") for n in ns
     ]
-    unknown = [n for n in names if n not in CONFIGS]
+    profiled = [n for n in args.profile.split(",") if n]
+    unknown = [n for n in [*names, *profiled] if n not in CONFIGS]
     if unknown:
         parser.error(f"--only: unknown configurations {unknown}; known: {sorted(CONFIGS)}")
     common = ["--warmup_steps", str(args.warmup_steps), "--timed_steps", str(args.timed_steps), "--work_dir",
@@ -197,9 +210,12 @@ def main() -> None:
         reference = gap_runs.get("gap_bf16", {})
         if name.startswith("gap_") and name != "gap_bf16" and "losses" in reference and "losses" in gap_runs[name]:
             print(json.dumps(gap_figures(reference, gap_runs[name])), flush=True)
-    if args.set in ("levers", "all") and not args.only and not args.smoke:
-        r = run_child(PROFILED, common, profile=True)
-        print(json.dumps(dict(name=f"profile_{PROFILED}", profile=r.get("profile"), error=r.get("error"))), flush=True)
+    for name in profiled:
+        r = run_child(name, common, profile=True)
+        rate = dict(images_per_s=r.get("images_per_s"))
+        print(
+            json.dumps(dict(name=f"profile_{name}", **rate, profile=r.get("profile"), error=r.get("error"))), flush=True
+        )
 
 
 if __name__ == "__main__":

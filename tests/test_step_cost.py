@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from sdxl_trainer.training import optimizers, train_args
+from sdxl_trainer.training import optimizers, step_cost_args, train_args
 
 
 def _args(kernel: str) -> argparse.Namespace:
@@ -53,9 +53,25 @@ def test_fused_kernel_needs_adamw(tmp_path):
     args = train_args.parse_args(["--cached_dataset_dirs", str(tmp_path), "--optimizer", "adamw",
                                   "--adamw_kernel", "fused"])  # fmt: skip
     assert args.adamw_kernel == "fused"
+    # The default (auto) on this CPU-only machine: foreach, the numerics the CPU suite was written against.
     assert train_args.parse_args(["--cached_dataset_dirs", str(tmp_path)]).adamw_kernel == "foreach"
     with pytest.raises(
         train_args.ArgsError, match="--adamw_kernel fused needs --optimizer adamw .* or --optimizer adamw8bit"
     ):
         train_args.validate_args(train_args.build_parser().parse_args(
             ["--cached_dataset_dirs", str(tmp_path), "--adamw_kernel", "fused"]))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "cuda", "cpu_offload", "kernel"),
+    [
+        ("adamw", True, False, "fused"),  # the fp32 step on the GPU: one kernel instead of ~10 passes
+        ("adamw", False, False, "foreach"),  # CPU
+        ("adamw", True, True, "foreach"),  # FSDP2's CPU-offloaded step runs on the CPU
+        ("adamw8bit", True, False, "foreach"),  # bitsandbytes; the fused 8-bit kernel is chosen by name only
+        ("adafactor", True, False, "foreach"),
+    ],
+)
+def test_auto_kernel_is_fused_only_for_adamw_on_the_gpu(optimizer, cuda, cpu_offload, kernel):
+    assert step_cost_args.resolve_kernel("auto", optimizer, cuda, cpu_offload) == kernel
+    assert step_cost_args.resolve_kernel("foreach", optimizer, cuda, cpu_offload) == "foreach"  # a named kernel stays

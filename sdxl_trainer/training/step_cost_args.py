@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-ADAMW_KERNELS = ("foreach", "fused")
+import torch
+
+ADAMW_KERNELS = ("auto", "foreach", "fused")
 
 # Resume: for adamw the kernel changes how the update is computed (rounding order), not the optimizer state's layout
 # (the same exp_avg, exp_avg_sq and step per tensor; torch moves `step` where the fused kernel wants it on load). For
@@ -19,16 +21,29 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--adamw_kernel",
         choices=ADAMW_KERNELS,
-        default="foreach",
-        help="the AdamW step's implementation: foreach (torch's multi-tensor ops, about 10 passes over the fp32 "
+        default="auto",
+        help="the AdamW step's implementation: auto (fused for --optimizer adamw on a GPU without --cpu_offload, "
+        "else foreach), foreach (torch's multi-tensor ops, about 10 passes over the fp32 "
         "masters and their state; for adamw8bit, bitsandbytes) or fused (one kernel reading and writing each element "
         "once: torch's fused AdamW with --optimizer adamw, same formula, other rounding order; with --optimizer "
         "adamw8bit and --master_weights bf16_stochastic on one process, torchao's compiled 8-bit step with "
-        "stochastic rounding, whose state a resume must keep) (default foreach)",
+        "stochastic rounding, whose state a resume must keep) (default auto)",
     )
 
 
+def resolve_kernel(choice: str, optimizer: str, cuda: bool, cpu_offload: bool) -> str:
+    """`auto`: torch's fused AdamW where it is the cheaper step (the fp32 optimizer on the GPU: 26 ms against
+    foreach's 116 per step over SDXL's 2.57 B masters on an H200, README Performance); foreach elsewhere: on the CPU
+    (FSDP2's offloaded step, the tests) and for adamw8bit, whose fused kernel is host-bound inside the step in
+    backward (measured slower, README Memory)."""
+    if choice != "auto":
+        return choice
+    return "fused" if optimizer == "adamw" and cuda and not cpu_offload else "foreach"
+
+
 def check_args(args: argparse.Namespace) -> None:
+    # After memory_args: the plan has decided --optimizer and --cpu_offload.
+    args.adamw_kernel = resolve_kernel(args.adamw_kernel, args.optimizer, torch.cuda.is_available(), args.cpu_offload)
     if args.adamw_kernel != "fused" or args.optimizer == "adamw":
         return
     if args.optimizer != "adamw8bit" or args.master_weights != "bf16_stochastic":
