@@ -5,6 +5,7 @@ close to the unquantized run, unchanged checkpoint names, exact resume, compiled
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import pytest
@@ -98,7 +99,7 @@ def test_token_rows_not_divisible_by_16_are_padded_without_changing_outputs_or_g
     torch.testing.assert_close(grad_x.reshape(15, 64), by_hand.grad[:15], rtol=0, atol=0)
 
 
-def test_flag_checks_and_refusals(tmp_path, monkeypatch):
+def test_flag_checks_and_refusals(tmp_path, monkeypatch, caplog):
     def parse(*extra):
         return train_args.parse_args(["--cached_dataset_dirs", str(tmp_path), *extra])
 
@@ -125,6 +126,12 @@ def test_flag_checks_and_refusals(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert fp8.support_error(torch.device("cuda", 0)) is None
     assert fp8.Fp8Plan.for_run("none", 1280, torch.device("cuda", 0), "none", True).recipe is None
+    # Eager FP8 on a GPU is warned about (host-bound); compiled, or on the CPU (checks only), it is not.
+    assert "--compile transformers" in fp8.eager_warning("cuda", "none")
+    assert fp8.eager_warning("cuda", "transformers") is None and fp8.eager_warning("cpu", "none") is None
+    with caplog.at_level(logging.WARNING, logger=fp8.__name__):
+        fp8.Fp8Plan.for_run("tensorwise", 1280, torch.device("cuda", 0), "none", True, "none")
+    assert "eager float8 is host-bound" in caplog.text
     # Float8 all-gather: tensorwise under FSDP2 over plain fp32 shards only.
     assert fp8.Fp8Plan.for_run("tensorwise", 1280, torch.device("cpu"), "full_shard", True).float8_all_gather
     assert not fp8.Fp8Plan.for_run("rowwise", 1280, torch.device("cpu"), "full_shard", True).float8_all_gather

@@ -127,7 +127,7 @@ def check_args(args: argparse.Namespace) -> None:
     on_gpu_ema = getattr(args, "use_ema", False) and getattr(args, "ema_device", "gpu") == "gpu"
     name, recipe, estimate = memory_plan.choose(
         args.memory_plan, gpu_gib, args.train_batch_size, world, fixed, shard, args.fsdp_units,
-        memory_plan.ema_gib(shard) if on_gpu_ema else 0.0, args.gradient_checkpointing_fraction,
+        memory_plan.ema_gib(shard) if on_gpu_ema else 0.0, args.gradient_checkpointing_fraction, args.fp8 != "none",
     )  # fmt: skip
     for field in memory_plan.PLAN_FIELDS:
         setattr(args, field, getattr(recipe, field))

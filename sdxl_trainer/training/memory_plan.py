@@ -33,6 +33,10 @@ SDXL_UNET_PARAMETERS = 2_567_463_684
 # 22.3; lean_release B1 11.0, B16 20.8, B20 out of memory above 22.9. (0.41 came from eager FSDP2 runs; 0.52 with
 # a fixed 1.5 met lean B8 alone and under-counted batch 16 by 1.3 GiB.)
 ACTIVATION_GIB_PER_IMAGE = {True: 0.65, False: 6.5}
+# --fp8 without checkpointing: the converted layers keep their inputs for backward in float8 (1 byte, not 2).
+# Measured at batch 12 on an H200: 115.9 GiB bf16, 103.6 FP8 tensorwise or rowwise (bench/results/
+# fp8_h200_2026-12-03*.jsonl). With checkpointing those inputs are recomputed, not kept: no saving counted.
+FP8_SAVED_GIB_PER_IMAGE = 1.0
 FIXED_GIB = 0.6  # workspaces, fragmentation, one chunk's fp32 copy for stochastic rounding
 # Parameters of the largest FSDP unit: SDXL's first up block, or its largest layer (a 1280-channel resnet).
 LARGEST_UNIT_PARAMETERS = {"blocks": 1_206_568_960, "layers": 49_164_800}
@@ -91,18 +95,21 @@ def unit_gib(units: str, shard: int) -> float:
     return n * (2 if shard == 1 else 8 + 4 / shard) / GIB
 
 
-def activation_gib_per_image(gradient_checkpointing: bool, checkpointed_fraction: float = 1.0) -> float:
+def activation_gib_per_image(
+    gradient_checkpointing: bool, checkpointed_fraction: float = 1.0, fp8: bool = False
+) -> float:
     """Activations per 1024-px image. With part of the transformer blocks not checkpointed
     (`--gradient_checkpointing_fraction`), their share of the difference is counted as if every activation the
     checkpointing saves lived in transformer blocks: an upper bound (resnets stay checkpointed; not measured)."""
-    full, low = ACTIVATION_GIB_PER_IMAGE[False], ACTIVATION_GIB_PER_IMAGE[True]
+    full = ACTIVATION_GIB_PER_IMAGE[False] - (FP8_SAVED_GIB_PER_IMAGE if fp8 else 0.0)
+    low = ACTIVATION_GIB_PER_IMAGE[True]
     return low + (1.0 - checkpointed_fraction) * (full - low) if gradient_checkpointing else full
 
 
 def estimate_gib(recipe: Recipe, batch: int, world_size: int = 1, shard_size: int | None = None,
                  parameters: int = SDXL_UNET_PARAMETERS, units: str = "layers",
-                 checkpointed_fraction: float = 1.0) -> float:  # fmt: skip
-    """Peak GPU memory per rank (GiB) of one training step with `batch` images of 1024 px per rank."""
+                 checkpointed_fraction: float = 1.0, fp8: bool = False) -> float:  # fmt: skip
+    """Peak GPU memory per rank (GiB) of one training step with `batch` images of 1024 px per rank (`fp8`: --fp8)."""
     shard = shard_size or world_size
     bf16 = recipe.master_weights == "bf16_stochastic"
     state = 0.0 if recipe.offload_optimizer_state else OPTIMIZER_STATE_BYTES[recipe.optimizer]
@@ -119,7 +126,7 @@ def estimate_gib(recipe: Recipe, batch: int, world_size: int = 1, shard_size: in
         grads = 0 if recipe.optimizer_step_in_backward else weights
         per_param = 0 if recipe.cpu_offload else weights + grads + state
         model_gib = parameters * per_param / shard / GIB + unit_gib(units, shard)
-    activations = batch * activation_gib_per_image(recipe.gradient_checkpointing, checkpointed_fraction)
+    activations = batch * activation_gib_per_image(recipe.gradient_checkpointing, checkpointed_fraction, fp8)
     return round(model_gib + activations + FIXED_GIB, 1)
 
 
@@ -130,17 +137,18 @@ def ema_gib(shard: int, parameters: int = SDXL_UNET_PARAMETERS) -> float:
 
 def choose(plan: str, gpu_gib: float | None, batch: int, world_size: int = 1, fixed: dict | None = None,
            shard_size: int | None = None, units: str = "auto", extra_gib: float = 0.0,
-           checkpointed_fraction: float = 1.0) -> tuple[str, Recipe, float | None]:  # fmt: skip
+           checkpointed_fraction: float = 1.0, fp8: bool = False) -> tuple[str, Recipe, float | None]:  # fmt: skip
     """(rung name, recipe, estimate GiB) for `--memory_plan plan`. `fixed`: flags given explicitly (they replace
     the rung's values). `gpu_gib` None = no GPU: `auto` keeps the CPU defaults (`CPU_PLAN`), no estimate.
     `extra_gib`: memory the plan does not decide but must leave room for (an EMA on the GPU).
-    `checkpointed_fraction`: `--gradient_checkpointing_fraction` (given by the user; the plan never lowers it)."""
+    `checkpointed_fraction`: `--gradient_checkpointing_fraction` (given by the user; the plan never lowers it).
+    `fp8`: --fp8 is on (smaller activations without checkpointing)."""
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
     units = fsdp_units(units, gpu_gib)
 
     def estimate(recipe: Recipe) -> float:
         gib = estimate_gib(
-            recipe, batch, world_size, shard_size, units=units, checkpointed_fraction=checkpointed_fraction
+            recipe, batch, world_size, shard_size, units=units, checkpointed_fraction=checkpointed_fraction, fp8=fp8
         )
         return round(gib + extra_gib, 1)
 

@@ -173,7 +173,9 @@ def _build(args: argparse.Namespace, info: DistInfo, run_dir: Path, folder: dict
     bf16_weights = args.master_weights == "bf16_stochastic"
     plain_fp32_shards = not (args.cpu_offload or bf16_weights or args.optimizer_step_in_backward)
     try:  # refuses cards without FP8 matmuls
-        fp8_plan = fp8.Fp8Plan.for_run(args.fp8, args.fp8_min_features, info.device, args.sharding, plain_fp32_shards)
+        fp8_plan = fp8.Fp8Plan.for_run(
+            args.fp8, args.fp8_min_features, info.device, args.sharding, plain_fp32_shards, args.compile
+        )
     except fp8.Fp8Error as exc:
         raise TrainingError(str(exc)) from exc
     inner, optimizer_name = optimizers.inner_factory(args), args.optimizer
