@@ -4,7 +4,7 @@ checkpointing, master weights, optimizer, the optimizer step in backward and CPU
 Rungs, fastest first (`auto` takes the first whose estimate fits; a named plan is taken as is). Flags given
 explicitly replace the rung's value before the estimate, so they always win and the estimate stays true:
 
-  fast         fp32 master weights, torch AdamW, no checkpointing          (1.87x the original recipe, H200)
+  fast         fp32 master weights, torch AdamW, no checkpointing          (1.92x the original recipe, H200)
   fast_8bit    fp32 master weights, AdamW8bit, no checkpointing
   fast_bf16    bf16 weights with stochastic rounding, AdamW8bit, no checkpointing
   balanced     fp32 master weights, AdamW8bit, checkpointing               (the defaults before the plan)
