@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 
 import pytest
 import torch
+from train_helpers import base_args, read_metrics, write_synthetic_cache
 
+import sdxl_fsdp_train
 from sdxl_trainer.training import optimizers, step_cost_args, train_args
 
 
@@ -75,3 +78,24 @@ def test_fused_kernel_needs_adamw(tmp_path):
 def test_auto_kernel_is_fused_only_for_adamw_on_the_gpu(optimizer, cuda, cpu_offload, kernel):
     assert step_cost_args.resolve_kernel("auto", optimizer, cuda, cpu_offload) == kernel
     assert step_cost_args.resolve_kernel("foreach", optimizer, cuda, cpu_offload) == "foreach"  # a named kernel stays
+
+
+@pytest.mark.slow
+def test_fused_adamw_steps_fsdp2_shards_on_two_ranks(tiny_model_dir, tmp_path):
+    """`auto` gives the fused kernel to --optimizer adamw on GPUs under FSDP2 too, where the parameters are DTensor
+    shards: on 2 gloo processes (torch's fused AdamW runs on the CPU as well) it trains as one process does with
+    the foreach step and the same global batch."""
+    from test_fsdp_multiprocess import _torchrun, _wait
+
+    cache = write_synthetic_cache(tmp_path / "cache" / "ds", {(64, 64): 8, (64, 96): 8}).parent
+    common = ["--max_train_steps", "3", "--no-save_final_model", "--sharding", "full_shard"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    argv = base_args(tiny_model_dir, cache, two, *common, "--adamw_kernel", "fused", "--train_batch_size", "1")
+    _wait(_torchrun(argv, tmp_path / "two.log"), tmp_path / "two.log")
+    assert json.loads((two / "config.json").read_text())["adamw_kernel"] == "fused"
+    argv = base_args(tiny_model_dir, cache, one, *common, "--adamw_kernel", "foreach", "--train_batch_size", "2")
+    assert sdxl_fsdp_train.main(argv) == 0
+    a, b = read_metrics(two), read_metrics(one)
+    assert len(a) == len(b) == 3
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=2e-3)
+    assert a[-1]["loss"] != a[0]["loss"]  # the weights moved
