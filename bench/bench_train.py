@@ -187,7 +187,12 @@ def run_trainer(
     result = dict(name=name, batch=cfg["batch"], gpus=world, flags=" ".join([*cfg["flags"], *extra_flags]))
     started = time.perf_counter()
     try:
-        summary = loop.main(parse_args(argv))
+        args = parse_args(argv)
+        # What the plan and `auto` flags resolved to: a row is only read right with them (a batch the estimate does
+        # not fit runs another rung).
+        result.update(memory_plan=args.memory_plan_chosen, adamw_kernel=args.adamw_kernel)
+        summary = loop.main(args)
+        result["compile"] = args.compile  # resolved by the trainer's setup
         span = step_end_times[-1] - step_end_times[warmup_steps - 1]
         images_per_s = cfg["batch"] * world * (len(step_end_times) - warmup_steps) / span
         result.update(
