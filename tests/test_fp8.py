@@ -229,16 +229,8 @@ def test_two_ranks_with_float8_all_gather_match_one_process(tiny_model_dir, tmp_
     """FSDP2 over 2 gloo processes with tensorwise float8 all-gather (each rank casts its fp32 shard with a scale
     all-reduced over the ranks, the float8 shards are all-gathered): the same losses as one process with the same
     global batch, up to FP8's input scales (computed over each rank's own images instead of the whole batch)."""
-    from test_fsdp_multiprocess import _torchrun, _wait
+    from test_fsdp_multiprocess import two_ranks_and_one_process
 
-    cache = write_synthetic_cache(tmp_path / "cache" / "ds", {(64, 64): 8, (64, 96): 8}).parent
-    common = ["--max_train_steps", "3", "--no-save_final_model", *TINY_FP8, "--sharding", "full_shard"]
-    two, one = tmp_path / "two", tmp_path / "one"
-    argv = base_args(tiny_model_dir, cache, two, *common, "--train_batch_size", "1")  # the last occurrence wins
-    _wait(_torchrun(argv, tmp_path / "two.log"), tmp_path / "two.log")
+    a, b, two = two_ranks_and_one_process(tiny_model_dir, tmp_path, TINY_FP8, TINY_FP8)
     assert "'float8_all_gather': True" in (two / "train.log").read_text()
-    assert json.loads((two / "config.json").read_text())["world_size"] == 2
-    assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache, one, *common, "--train_batch_size", "2")) == 0
-    a, b = read_metrics(two), read_metrics(one)
-    assert len(a) == len(b) == 3 and all(r["finite"] for r in a)
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=0.01)

@@ -57,6 +57,21 @@ def _wait(proc, log: Path) -> None:
     assert rc == 0, log.read_text()[-6000:]
 
 
+def two_ranks_and_one_process(model: Path, tmp: Path, two_flags: list[str], one_flags: list[str]):
+    """3 steps of FULL_SHARD on 2 gloo processes at batch 1 per rank, then in this process at batch 2 (the same
+    global batch: same items, noise and schedule). Returns both runs' metrics and the 2-rank run's folder."""
+    cache = write_synthetic_cache(tmp / "cache" / "ds", {(64, 64): 8, (64, 96): 8}).parent
+    common = ["--max_train_steps", "3", "--no-save_final_model", "--sharding", "full_shard"]
+    two, one = tmp / "two", tmp / "one"
+    argv = base_args(model, cache, two, *common, *two_flags, "--train_batch_size", "1")  # the last one wins
+    _wait(_torchrun(argv, tmp / "two.log"), tmp / "two.log")
+    assert json.loads((two / "config.json").read_text())["world_size"] == 2
+    assert sdxl_fsdp_train.main(base_args(model, cache, one, *common, *one_flags, "--train_batch_size", "2")) == 0
+    a, b = read_metrics(two), read_metrics(one)
+    assert len(a) == len(b) == 3 and all(r["finite"] for r in a)
+    return a, b, two
+
+
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(folder.glob("*.safetensors")):

@@ -9,9 +9,7 @@ import json
 
 import pytest
 import torch
-from train_helpers import base_args, read_metrics, write_synthetic_cache
 
-import sdxl_fsdp_train
 from sdxl_trainer.training import optimizers, step_cost_args, train_args
 
 
@@ -85,17 +83,10 @@ def test_fused_adamw_steps_fsdp2_shards_on_two_ranks(tiny_model_dir, tmp_path):
     """`auto` gives the fused kernel to --optimizer adamw on GPUs under FSDP2 too, where the parameters are DTensor
     shards: on 2 gloo processes (torch's fused AdamW runs on the CPU as well) it trains as one process does with
     the foreach step and the same global batch."""
-    from test_fsdp_multiprocess import _torchrun, _wait
+    from test_fsdp_multiprocess import two_ranks_and_one_process
 
-    cache = write_synthetic_cache(tmp_path / "cache" / "ds", {(64, 64): 8, (64, 96): 8}).parent
-    common = ["--max_train_steps", "3", "--no-save_final_model", "--sharding", "full_shard"]
-    two, one = tmp_path / "two", tmp_path / "one"
-    argv = base_args(tiny_model_dir, cache, two, *common, "--adamw_kernel", "fused", "--train_batch_size", "1")
-    _wait(_torchrun(argv, tmp_path / "two.log"), tmp_path / "two.log")
+    fused, foreach = ["--adamw_kernel", "fused"], ["--adamw_kernel", "foreach"]
+    a, b, two = two_ranks_and_one_process(tiny_model_dir, tmp_path, fused, foreach)
     assert json.loads((two / "config.json").read_text())["adamw_kernel"] == "fused"
-    argv = base_args(tiny_model_dir, cache, one, *common, "--adamw_kernel", "foreach", "--train_batch_size", "2")
-    assert sdxl_fsdp_train.main(argv) == 0
-    a, b = read_metrics(two), read_metrics(one)
-    assert len(a) == len(b) == 3
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=2e-3)
     assert a[-1]["loss"] != a[0]["loss"]  # the weights moved
