@@ -308,9 +308,13 @@ def main() -> None:
         print(json.dumps(summary), flush=True)
 
 
-def run_child_levers(name: str) -> dict:
+BASELINE_STEPS = 15  # timed steps of the original recipe (bench_levers' default 5 moved it 7.9-9.7 on one H200)
+
+
+def run_child_levers(name: str, steps: int = BASELINE_STEPS) -> dict:
     script = Path(__file__).resolve().parent / "bench_levers.py"
-    proc = subprocess.run([sys.executable, str(script), "--child", name], capture_output=True, text=True)
+    argv = [sys.executable, str(script), "--child", name, "--steps", str(steps)]
+    proc = subprocess.run(argv, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     return json.loads(lines[-1]) if lines else dict(name=name, error=proc.stderr[-300:])
 
