@@ -122,8 +122,8 @@ def run_child(name: str, common: list[str], profile: bool = False) -> dict:
 
 
 def gap_figures(reference: dict, other: dict, window: int = 20) -> dict:
-    """Per-step relative gaps of loss and gradient norm against the bf16 run, and windowed mean losses (a loss
-    curve readable in one line)."""
+    """Per-step relative gaps of loss and gradient norm against the bf16 run, windowed means of both (curves readable
+    in one line) and the steps where the gradient norms part most."""
     pairs = list(zip(other["losses"], reference["losses"], strict=False))
     norms = list(zip(other["grad_norms"], reference["grad_norms"], strict=False))
     loss_gaps = [abs(a - b) / abs(b) for a, b in pairs if math.isfinite(a) and b]
@@ -145,6 +145,13 @@ def gap_figures(reference: dict, other: dict, window: int = 20) -> dict:
         last_window_mean_loss=dict(bf16=curve(reference["losses"])[-1], fp8=curve(other["losses"])[-1]),
         loss_curve_bf16=curve(reference["losses"]),
         loss_curve_fp8=curve(other["losses"]),
+        grad_norm_curve_bf16=curve(reference["grad_norms"]),
+        grad_norm_curve_fp8=curve(other["grad_norms"]),
+        # where the gradient norms part most: (step, bf16 norm, FP8 norm), to tell one outlier from a drift
+        widest_grad_norm_gaps=[
+            (i + 1, round(b, 4), round(a, 4))
+            for i, (a, b) in sorted(enumerate(norms), key=lambda t: -abs(t[1][0] - t[1][1]) / abs(t[1][1] or 1))[:5]
+        ],
     )
 
 
