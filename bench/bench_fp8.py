@@ -128,6 +128,7 @@ def gap_figures(reference: dict, other: dict, window: int = 20) -> dict:
     norms = list(zip(other["grad_norms"], reference["grad_norms"], strict=False))
     loss_gaps = [abs(a - b) / abs(b) for a, b in pairs if math.isfinite(a) and b]
     norm_gaps = [abs(a - b) / abs(b) for a, b in norms if math.isfinite(a) and b]
+    widest = sorted(range(len(norms)), key=lambda i: -abs(norms[i][0] - norms[i][1]) / abs(norms[i][1] or 1))
 
     def curve(values: list[float]) -> list[float]:
         return [
@@ -148,10 +149,7 @@ def gap_figures(reference: dict, other: dict, window: int = 20) -> dict:
         grad_norm_curve_bf16=curve(reference["grad_norms"]),
         grad_norm_curve_fp8=curve(other["grad_norms"]),
         # where the gradient norms part most: (step, bf16 norm, FP8 norm), to tell one outlier from a drift
-        widest_grad_norm_gaps=[
-            (i + 1, round(b, 4), round(a, 4))
-            for i, (a, b) in sorted(enumerate(norms), key=lambda t: -abs(t[1][0] - t[1][1]) / abs(t[1][1] or 1))[:5]
-        ],
+        widest_grad_norm_gaps=[(i + 1, round(norms[i][1], 4), round(norms[i][0], 4)) for i in widest[:5]],
     )
 
 

@@ -10,8 +10,7 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from train_helpers import base_args, read_metrics, write_synthetic_cache
+from train_helpers import base_args, checkpoint_weights, read_metrics, write_synthetic_cache
 
 import sdxl_fsdp_train
 from sdxl_trainer.training import fp8, train_args
@@ -172,13 +171,6 @@ def cache_root(tmp_path_factory):
     return root
 
 
-def _model_tensors(checkpoint_dir):
-    out = {}
-    for f in sorted((checkpoint_dir / "model").glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
 @pytest.mark.slow
 def test_fp8_trains_close_to_full_precision_and_resumes_exactly(tiny_model_dir, cache_root, tmp_path):
     """Flat layout, then FSDP2 (float8 all-gather): FP8 losses within 1 % of the unquantized run's; the checkpoint
@@ -199,9 +191,9 @@ def test_fp8_trains_close_to_full_precision_and_resumes_exactly(tiny_model_dir, 
     assert losses["fsdp"] == pytest.approx(losses["flat"], rel=1e-3)  # fp8 all-gather: scales from the fp32 shards
     log = (tmp_path / "fsdp" / "train.log").read_text()
     assert re.search(r"--fp8 tensorwise \{'fp8_layers': \d+, .*'float8_all_gather': True\}", log)
-    reference = _model_tensors(tmp_path / "reference" / "checkpoints" / "step-3")
+    reference = checkpoint_weights(tmp_path / "reference" / "checkpoints" / "step-3")
     for name in ("flat", "fsdp"):
-        saved = _model_tensors(tmp_path / name / "checkpoints" / "step-3")
+        saved = checkpoint_weights(tmp_path / name / "checkpoints" / "step-3")
         assert saved.keys() == reference.keys()
         assert all(v.dtype == torch.float32 and not torch.equal(v, reference[k]) for k, v in saved.items()
                    if k.endswith("attn1.to_q.weight"))  # fmt: skip
@@ -210,8 +202,8 @@ def test_fp8_trains_close_to_full_precision_and_resumes_exactly(tiny_model_dir, 
     resume = ["--resume_from_checkpoint", str(tmp_path / "fsdp" / "checkpoints" / "step-2")]
     assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache_root, resumed, *common, *runs["fsdp"], *resume)) == 0
     assert [r["loss"] for r in read_metrics(resumed)] == losses["fsdp"][2:]
-    final_a = _model_tensors(tmp_path / "fsdp" / "checkpoints" / "step-3")
-    final_b = _model_tensors(resumed / "checkpoints" / "step-3")
+    final_a = checkpoint_weights(tmp_path / "fsdp" / "checkpoints" / "step-3")
+    final_b = checkpoint_weights(resumed / "checkpoints" / "step-3")
     assert final_a.keys() == final_b.keys() and all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
     rowwise = tmp_path / "rowwise"

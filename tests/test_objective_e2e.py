@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
-from train_helpers import base_args, read_metrics, write_synthetic_cache
+from train_helpers import base_args, checkpoint_weights, read_metrics, write_synthetic_cache
 
 import sdxl_fsdp_train
 from sdxl_trainer.training import loss, objective, saving
@@ -62,13 +62,6 @@ def _spy_handoff(monkeypatch) -> dict[int, dict[str, torch.Tensor]]:
     return handed
 
 
-def _checkpoint_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted((checkpoint_dir / "model").glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
 def test_v_prediction_zero_terminal_snr_and_robust_loss_train_and_export(tiny_model_dir, cache_root, tmp_path,
                                                                          monkeypatch):  # fmt: skip
     seen = _spy(monkeypatch)
@@ -111,7 +104,7 @@ def test_v_prediction_zero_terminal_snr_and_robust_loss_train_and_export(tiny_mo
     # EMA on the one-process flat layout: the saved pipeline equals an independent EMA of the per-step weights
     # (diffusers' decay), the non-EMA pipeline the last weights, and samples were made from the EMA weights.
     expected = _independent_ema(out, 3, 0.9)
-    last = _checkpoint_weights(out / "checkpoints" / "step-3")
+    last = checkpoint_weights(out / "checkpoints" / "step-3")
     saved_ema = load_file(str(out / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
     saved_raw = load_file(str(out / "final-non_ema" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert saved_ema.keys() == expected.keys() == saved_raw.keys()
@@ -168,7 +161,7 @@ def _independent_ema(run: Path, steps: int, decay_cap: float) -> dict[str, torch
     """diffusers' EMAModel decay applied in float64 to the weights of the per-step checkpoints."""
     expected: dict[str, torch.Tensor] = {}
     for n in range(1, steps + 1):
-        weights = _checkpoint_weights(run / "checkpoints" / f"step-{n}")
+        weights = checkpoint_weights(run / "checkpoints" / f"step-{n}")
         decay = EMAModel([torch.nn.Parameter(torch.zeros(1))], decay=decay_cap).get_decay(n)
         expected = {k: decay * expected[k] + (1 - decay) * w.double() if expected else w.double()
                     for k, w in weights.items()}  # fmt: skip
