@@ -78,6 +78,7 @@ def write_model(folder: Path) -> None:
 
     if (folder / "unet" / "config.json").exists():
         return
+    torch.manual_seed(0)  # the same random model in every call, so figures of different calls share a start
     with torch.device("cuda"):
         unet = UNet2DConditionModel(**SDXL_UNET_CONFIG).half()
     unet.save_pretrained(folder / "unet")

@@ -2,7 +2,8 @@
 through the real trainer (flat one-process layout): FP8 tensorwise and rowwise with --compile stay finite and close
 to the bf16 run from the same start; a resumed FP8 run repeats the next step's loss exactly.
 
-    pytest -m gpu tests/test_fp8_gpu.py -s        # about 6-8 minutes on an H200 (3 compiled runs, 3 eager)
+    pytest -m gpu tests/test_fp8_gpu.py -s        # about 8 minutes on an H200 (3 compiled runs, 3 eager);
+                                                  # needs ~45 GB free in the temp folder (two 15 GB checkpoints)
 Random weights: numerics and speed only, never image quality.
 """
 

@@ -14,7 +14,8 @@ explicitly replace the rung's value before the estimate, so they always win and 
   offload      fp32 master weights, AdamW, checkpointing, FSDP2 CPU offload of weights, gradients and state
 
 The estimate is per rank, for full-size SDXL base (2.57 B parameters) at 1024 px, from the step's measured peaks
-on an H200 (README, Memory): activations 6.5 GiB per image without checkpointing, 0.65 with it; bytes per
+on an H200 (README, Memory): activations 6.5 GiB per image without checkpointing (eager; compiled transformer
+blocks keep 5.6, so compiled runs peak lower than estimated), 0.65 with it (compiled); bytes per
 parameter from the layout (flat one-process: bf16 compute copy + fp32 master, and their gradients; FSDP2:
 sharded over the shard group, plus the largest FSDP unit's transients, `unit_gib`); plus a fixed allowance for
 kernels' workspaces, one tensor's fp32 copy for stochastic rounding and the allocator's fragmentation. A rung
@@ -35,7 +36,8 @@ SDXL_UNET_PARAMETERS = 2_567_463_684
 ACTIVATION_GIB_PER_IMAGE = {True: 0.65, False: 6.5}
 # --fp8 without checkpointing: the converted layers keep their inputs for backward in float8 (1 byte, not 2).
 # Measured at batch 12 on an H200: 115.9 GiB bf16, 103.6 FP8 tensorwise or rowwise (bench/results/
-# fp8_h200_2026-12-03*.jsonl). With checkpointing those inputs are recomputed, not kept: no saving counted.
+# fp8_h200_2026-12-03*.jsonl; FP8 at batch 16: 122.1). With checkpointing those inputs are recomputed, not kept:
+# no saving counted.
 FP8_SAVED_GIB_PER_IMAGE = 1.0
 FIXED_GIB = 0.6  # workspaces, fragmentation, one chunk's fp32 copy for stochastic rounding
 # Parameters of the largest FSDP unit: SDXL's first up block, or its largest layer (a 1280-channel resnet).
