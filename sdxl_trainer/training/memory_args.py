@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from sdxl_trainer.training import fused_adamw8bit, memory_plan, partial_checkpointing
+from sdxl_trainer.training import compiling, fused_adamw8bit, memory_plan, partial_checkpointing
 
 MASTER_WEIGHTS = ("fp32", "bf16_stochastic")
 DEFAULT_MAX_GRAD_NORM = 1.0
@@ -112,6 +112,15 @@ def _shard_size(sharding: str, world: int) -> int:
     return world
 
 
+def _compiled_by_layout(args: argparse.Namespace) -> dict[str, bool]:
+    """Whether the transformer blocks will be compiled in either layout the plan may lead to (compiled blocks keep
+    fewer activations); setup.py resolves `--compile` the same way once the layout is known."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    auto = {"flat": "none", "fsdp": "full_shard"}
+    shardings = auto if args.sharding == "auto" else dict.fromkeys(auto, args.sharding)
+    return {layout: compiling.resolve_choice(args.compile, device, s) != "none" for layout, s in shardings.items()}
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Resolve the plan into the flags it decides (explicit values win), then refuse what cannot work."""
     if args.gpu_memory_gib is not None and args.gpu_memory_gib <= 0:
@@ -128,6 +137,7 @@ def check_args(args: argparse.Namespace) -> None:
     name, recipe, estimate = memory_plan.choose(
         args.memory_plan, gpu_gib, args.train_batch_size, world, fixed, shard, args.fsdp_units,
         memory_plan.ema_gib(shard) if on_gpu_ema else 0.0, args.gradient_checkpointing_fraction, args.fp8 != "none",
+        _compiled_by_layout(args),
     )  # fmt: skip
     for field in memory_plan.PLAN_FIELDS:
         setattr(args, field, getattr(recipe, field))

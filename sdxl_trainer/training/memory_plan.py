@@ -14,8 +14,8 @@ explicitly replace the rung's value before the estimate, so they always win and 
   offload      fp32 master weights, AdamW, checkpointing, FSDP2 CPU offload of weights, gradients and state
 
 The estimate is per rank, for full-size SDXL base (2.57 B parameters) at 1024 px, from the step's measured peaks
-on an H200 (README, Memory): activations 6.5 GiB per image without checkpointing (eager; compiled transformer
-blocks keep 5.6, so compiled runs peak lower than estimated), 0.65 with it (compiled); bytes per
+on an H200 (README, Memory): activations per image without checkpointing 6.5 GiB eager, 5.7 with the transformer
+blocks compiled (what `--compile auto` gives in the flat layout), 0.65 with checkpointing; bytes per
 parameter from the layout (flat one-process: bf16 compute copy + fp32 master, and their gradients; FSDP2:
 sharded over the shard group, plus the largest FSDP unit's transients, `unit_gib`); plus a fixed allowance for
 kernels' workspaces, one tensor's fp32 copy for stochastic rounding and the allocator's fragmentation. A rung
@@ -34,6 +34,12 @@ SDXL_UNET_PARAMETERS = 2_567_463_684
 # 22.3; lean_release B1 11.0, B16 20.8, B20 out of memory above 22.9. (0.41 came from eager FSDP2 runs; 0.52 with
 # a fixed 1.5 met lean B8 alone and under-counted batch 16 by 1.3 GiB.)
 ACTIVATION_GIB_PER_IMAGE = {True: 0.65, False: 6.5}
+# Without checkpointing, the transformer blocks compiled (--compile transformers, blocks or stages): Inductor's fused
+# GEGLU and norms keep fewer intermediates for backward. Measured over the same 48.4 GiB of weights, gradients, state
+# and allowance as the eager slope (6.45 from 99.5 GiB at batch 8 and 125.3 at 12, train_flat_h200_2026-11-25b.jsonl):
+# bf16 115.9 at batch 12 (5.63 per image), FP8 103.6 at 12 and 122.1 at 16 (4.63 = 5.63 - FP8's 1.0;
+# fp8_h200_2026-12-03b/c.jsonl), --compile blocks 113.3 at 12. Rounded up so the estimate stays above each of them.
+COMPILED_NO_CHECKPOINT_GIB_PER_IMAGE = 5.7
 # --fp8 without checkpointing: the converted layers keep their inputs for backward in float8 (1 byte, not 2).
 # Measured at batch 12 on an H200: 115.9 GiB bf16, 103.6 FP8 tensorwise or rowwise (bench/results/
 # fp8_h200_2026-12-03*.jsonl; FP8 at batch 16: 122.1). With checkpointing those inputs are recomputed, not kept:
@@ -98,20 +104,23 @@ def unit_gib(units: str, shard: int) -> float:
 
 
 def activation_gib_per_image(
-    gradient_checkpointing: bool, checkpointed_fraction: float = 1.0, fp8: bool = False
+    gradient_checkpointing: bool, checkpointed_fraction: float = 1.0, fp8: bool = False, compiled: bool = False
 ) -> float:
-    """Activations per 1024-px image. With part of the transformer blocks not checkpointed
-    (`--gradient_checkpointing_fraction`), their share of the difference is counted as if every activation the
-    checkpointing saves lived in transformer blocks: an upper bound (resnets stay checkpointed; not measured)."""
-    full = ACTIVATION_GIB_PER_IMAGE[False] - (FP8_SAVED_GIB_PER_IMAGE if fp8 else 0.0)
+    """Activations per 1024-px image (`compiled`: the transformer blocks are compiled). With part of the transformer
+    blocks not checkpointed (`--gradient_checkpointing_fraction`), their share of the difference is counted as if
+    every activation the checkpointing saves lived in transformer blocks: an upper bound (resnets stay
+    checkpointed; not measured)."""
+    eager = ACTIVATION_GIB_PER_IMAGE[False]
+    full = (COMPILED_NO_CHECKPOINT_GIB_PER_IMAGE if compiled else eager) - (FP8_SAVED_GIB_PER_IMAGE if fp8 else 0.0)
     low = ACTIVATION_GIB_PER_IMAGE[True]
     return low + (1.0 - checkpointed_fraction) * (full - low) if gradient_checkpointing else full
 
 
 def estimate_gib(recipe: Recipe, batch: int, world_size: int = 1, shard_size: int | None = None,
                  parameters: int = SDXL_UNET_PARAMETERS, units: str = "layers",
-                 checkpointed_fraction: float = 1.0, fp8: bool = False) -> float:  # fmt: skip
-    """Peak GPU memory per rank (GiB) of one training step with `batch` images of 1024 px per rank (`fp8`: --fp8)."""
+                 checkpointed_fraction: float = 1.0, fp8: bool = False, compiled: bool = False) -> float:  # fmt: skip
+    """Peak GPU memory per rank (GiB) of one training step with `batch` images of 1024 px per rank (`fp8`: --fp8;
+    `compiled`: the transformer blocks are compiled)."""
     shard = shard_size or world_size
     bf16 = recipe.master_weights == "bf16_stochastic"
     state = 0.0 if recipe.offload_optimizer_state else OPTIMIZER_STATE_BYTES[recipe.optimizer]
@@ -128,7 +137,7 @@ def estimate_gib(recipe: Recipe, batch: int, world_size: int = 1, shard_size: in
         grads = 0 if recipe.optimizer_step_in_backward else weights
         per_param = 0 if recipe.cpu_offload else weights + grads + state
         model_gib = parameters * per_param / shard / GIB + unit_gib(units, shard)
-    activations = batch * activation_gib_per_image(recipe.gradient_checkpointing, checkpointed_fraction, fp8)
+    activations = batch * activation_gib_per_image(recipe.gradient_checkpointing, checkpointed_fraction, fp8, compiled)
     return round(model_gib + activations + FIXED_GIB, 1)
 
 
@@ -139,19 +148,25 @@ def ema_gib(shard: int, parameters: int = SDXL_UNET_PARAMETERS) -> float:
 
 def choose(plan: str, gpu_gib: float | None, batch: int, world_size: int = 1, fixed: dict | None = None,
            shard_size: int | None = None, units: str = "auto", extra_gib: float = 0.0,
-           checkpointed_fraction: float = 1.0, fp8: bool = False) -> tuple[str, Recipe, float | None]:  # fmt: skip
+           checkpointed_fraction: float = 1.0, fp8: bool = False,
+           compiled_by_layout: dict[str, bool] | None = None) -> tuple[str, Recipe, float | None]:  # fmt: skip
     """(rung name, recipe, estimate GiB) for `--memory_plan plan`. `fixed`: flags given explicitly (they replace
     the rung's values). `gpu_gib` None = no GPU: `auto` keeps the CPU defaults (`CPU_PLAN`), no estimate.
     `extra_gib`: memory the plan does not decide but must leave room for (an EMA on the GPU).
     `checkpointed_fraction`: `--gradient_checkpointing_fraction` (given by the user; the plan never lowers it).
-    `fp8`: --fp8 is on (smaller activations without checkpointing)."""
+    `fp8`: --fp8 is on (smaller activations without checkpointing). `compiled_by_layout`: whether the transformer
+    blocks will be compiled, under {"flat": ..., "fsdp": ...} (`--compile auto` compiles in the flat layout only);
+    none given: eager."""
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
     units = fsdp_units(units, gpu_gib)
+    compiled_by_layout = compiled_by_layout or {}
 
     def estimate(recipe: Recipe) -> float:
+        compiled = compiled_by_layout.get("fsdp" if uses_fsdp(recipe, world_size) else "flat", False)
         gib = estimate_gib(
-            recipe, batch, world_size, shard_size, units=units, checkpointed_fraction=checkpointed_fraction, fp8=fp8
-        )
+            recipe, batch, world_size, shard_size, units=units, checkpointed_fraction=checkpointed_fraction, fp8=fp8,
+            compiled=compiled,
+        )  # fmt: skip
         return round(gib + extra_gib, 1)
 
     if plan not in PLANS:
