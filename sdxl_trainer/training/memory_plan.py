@@ -110,8 +110,8 @@ def activation_gib_per_image(
     blocks not checkpointed (`--gradient_checkpointing_fraction`), their share of the difference is counted as if
     every activation the checkpointing saves lived in transformer blocks: an upper bound (resnets stay
     checkpointed; not measured)."""
-    eager = ACTIVATION_GIB_PER_IMAGE[False]
-    full = (COMPILED_NO_CHECKPOINT_GIB_PER_IMAGE if compiled else eager) - (FP8_SAVED_GIB_PER_IMAGE if fp8 else 0.0)
+    full = COMPILED_NO_CHECKPOINT_GIB_PER_IMAGE if compiled else ACTIVATION_GIB_PER_IMAGE[False]
+    full -= FP8_SAVED_GIB_PER_IMAGE if fp8 else 0.0
     low = ACTIVATION_GIB_PER_IMAGE[True]
     return low + (1.0 - checkpointed_fraction) * (full - low) if gradient_checkpointing else full
 
