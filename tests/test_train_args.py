@@ -53,6 +53,11 @@ TRAINER_FLAGS = [
 ]  # fmt: skip
 # Issue 15 (checkpoints and resumes you can trust): training/run_args.py.
 TRAINER_FLAGS += ["--checkpointing_minutes", "--overwrite_output_dir"]
+# --optimizer prodigy (training/prodigy_args.py)
+TRAINER_FLAGS += [
+    "--prodigy_d_coef", "--prodigy_use_bias_correction", "--no-prodigy_use_bias_correction",
+    "--prodigy_safeguard_warmup", "--no-prodigy_safeguard_warmup",
+]  # fmt: skip
 
 # The original trainer's flags (seed_reference.md §1.1) that the trainer itself still owns.
 ORIGINAL_FLAGS = [

@@ -56,7 +56,10 @@ PLAN_FIELDS = (
     "gradient_checkpointing", "master_weights", "optimizer", "optimizer_step_in_backward", "offload_optimizer_state",
     "cpu_offload",
 )  # fmt: skip
-OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "lion8bit": 1.0, "adafactor": 0.05}
+OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "lion8bit": 1.0, "adafactor": 0.05, "prodigy": 16.0}
+# Optimizers whose step needs every tensor's statistics before any tensor moves: never stepped tensor by tensor
+# (bf16 weights with stochastic rounding, the step in backward), so `auto` skips those rungs for them.
+WHOLE_STEP_OPTIMIZERS = ("prodigy",)
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,11 @@ RUNGS = {
     "offload": Recipe(True, "fp32", "adamw", False, True),
 }
 CPU_PLAN = "balanced"  # no GPU: today's CPU behaviour (the test suite's defaults)
+
+
+def steps_tensor_by_tensor(recipe: Recipe) -> bool:
+    """bf16 weights and the step in backward run the optimizer on one tensor (or flat chunk) at a time."""
+    return recipe.master_weights == "bf16_stochastic" or recipe.optimizer_step_in_backward
 
 
 def uses_fsdp(recipe: Recipe, world_size: int) -> bool:
@@ -180,6 +188,8 @@ def choose(plan: str, gpu_gib: float | None, batch: int, world_size: int = 1, fi
         return plan, recipe, estimate(recipe)
     usable = gpu_gib * USABLE_FRACTION
     candidates = [(name, replace(r, **fixed)) for name, r in RUNGS.items()]
+    if fixed.get("optimizer") in WHOLE_STEP_OPTIMIZERS:
+        candidates = [(n, r) for n, r in candidates if not steps_tensor_by_tensor(r)] or candidates
     for name, recipe in candidates:
         est = estimate(recipe)
         if est <= usable:

@@ -229,14 +229,30 @@ def _adafactor_factory(args: argparse.Namespace):
     return build
 
 
-def inner_factory(args: argparse.Namespace):
+def _prodigy_factory(args: argparse.Namespace, shard_group):
+    def build(locals_: list[torch.Tensor], global_numels: list[int]):
+        from sdxl_trainer.training.prodigy import Prodigy
+
+        return Prodigy(
+            locals_, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+            weight_decay=args.adam_weight_decay, d_coef=args.prodigy_d_coef,
+            use_bias_correction=args.prodigy_use_bias_correction, safeguard_warmup=args.prodigy_safeguard_warmup,
+            group=shard_group,
+        )  # fmt: skip
+
+    return build
+
+
+def inner_factory(args: argparse.Namespace, shard_group=None):
     """`build(tensors, numels)` for --optimizer: the optimizer over plain tensors, with per-tensor 8-/32-bit
-    state decided by `numels` (the element counts an unsharded run would see)."""
+    state decided by `numels` (the element counts an unsharded run would see). `shard_group`: the group whose ranks
+    hold the other shards of the same tensors (Prodigy adds its step-size statistics up over it)."""
     factories = {
         "adamw8bit": lambda: _bnb_factory("adamw8bit", args),
         "lion8bit": lambda: _bnb_factory("lion8bit", args),
         "adamw": lambda: _torch_adamw_factory(args),
         "adafactor": lambda: _adafactor_factory(args),
+        "prodigy": lambda: _prodigy_factory(args, shard_group),
     }
     if args.optimizer not in factories:
         raise ValueError(f"--optimizer: unknown {args.optimizer!r}; choose one of {sorted(factories)}")

@@ -163,7 +163,7 @@ def apply_to_optimizer(args: argparse.Namespace, param_groups: list[dict], lr_sc
         group["initial_lr"] = args.learning_rate
         if "betas" in group:
             group["betas"] = (args.adam_beta1, args.adam_beta2)
-        if "eps" in group and args.optimizer in ("adamw", "adamw8bit"):
+        if "eps" in group and args.optimizer in ("adamw", "adamw8bit", "prodigy"):
             group["eps"] = args.adam_epsilon
         if "weight_decay" in group:
             group["weight_decay"] = args.adam_weight_decay

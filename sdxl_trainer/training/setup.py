@@ -178,7 +178,7 @@ def _build(args: argparse.Namespace, info: DistInfo, run_dir: Path, folder: dict
         )
     except fp8.Fp8Error as exc:
         raise TrainingError(str(exc)) from exc
-    inner, optimizer_name = optimizers.inner_factory(args), args.optimizer
+    inner, optimizer_name = optimizers.inner_factory(args, mesh.get_group("shard")), args.optimizer
     if bf16_weights or args.optimizer_step_in_backward:
         # The stochastic rounding's own random stream, distinct per rank; the checkpoint's RNG file saves its state.
         rounding = stochastic_rounding.rounding_generator(info.device, mix_seed(args.set_seed, "rounding", info.rank))

@@ -27,7 +27,7 @@ LR_SCHEDULERS = (
     "constant_with_warmup",
     "piecewise_constant",
 )
-OPTIMIZERS = ("adamw8bit", "adamw", "adafactor", "lion8bit")
+OPTIMIZERS = ("adamw8bit", "adamw", "adafactor", "lion8bit", "prodigy")
 SHARDING = ("auto", "none", "full_shard", "shard_grad_op", "no_shard", "hybrid_shard")
 MIXED_PRECISION = ("bf16", "fp16", "no")
 DEFAULT_COMPILE = "auto"  # --compile: transformers on one GPU without FSDP, else none (compiling.resolve_choice)
@@ -293,14 +293,15 @@ def _flag_modules() -> list:
         masked_loss_args,
         memory_args,
         objective_args,
+        prodigy_args,
         report_args,
         run_args,
         step_cost_args,
     )
 
     return [
-        eval_args, objective_args, fp8_args, run_args, masked_loss_args, memory_args, ema_args, report_args,
-        step_cost_args, cache_checks,
+        eval_args, objective_args, fp8_args, run_args, masked_loss_args, memory_args, prodigy_args, ema_args,
+        report_args, step_cost_args, cache_checks,
     ]  # fmt: skip
 
 
