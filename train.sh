@@ -7,6 +7,8 @@
 # Real use, e.g. SDXL base on 8 GPUs:
 #   MODEL=/models/sdxl-base DATA_DIR=/data/photos CACHE_DIR=/data/cache OUTPUT_DIR=runs/photos NUM_PROCESSES=8 \
 #     ./train.sh --train_batch_size 8 --num_train_epochs 20 --learning_rate 1e-5
+# Prodigy (the step size estimated from the run; --learning_rate multiplies it):
+#     ./train.sh --optimizer prodigy --learning_rate 1.0 --prodigy_use_bias_correction --prodigy_safeguard_warmup
 # Every extra flag is passed to sdxl_fsdp_train.py ("$@": later flags win); see docs/training.md.
 # Interrupted? Run the same command again: --resume_from_checkpoint auto continues from the newest checkpoint.
 set -euo pipefail
