@@ -98,6 +98,7 @@ def test_a_prodigy_run_learns_and_resumes_exactly(tiny_model_dir, tmp_path):
     assert len(steps) == 4 and all(r["finite"] for r in steps)
     group = _prodigy_group(full / "checkpoints" / "step-4", rank=0)
     assert group["k"] == 4 and group["d_numerator"] > 0  # the estimate's statistics are in the checkpoint
+    assert steps[-1]["prodigy_d"] == group["d"]  # logged at every step (metrics and TensorBoard)
 
 
 def _prodigy_group(checkpoint, rank: int) -> dict:

@@ -120,7 +120,7 @@ def _after_step(tr: Trainer, result: dict, epoch: int) -> bool:
         )
     tr.log.step(
         p.step, result["loss"], result["lr"], result["grad_norm"], rate, epoch=epoch, finite=result["finite"],
-        loss_scale=result["loss_scale"], memory_gib=result["memory_gib"],
+        loss_scale=result["loss_scale"], memory_gib=result["memory_gib"], prodigy_d=result["prodigy_d"],
     )  # fmt: skip
     if p.nonfinite_in_a_row >= a.max_nonfinite_steps:
         save_checkpoint(tr)

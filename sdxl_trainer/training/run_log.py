@@ -25,6 +25,7 @@ TAG_VALIDATION_LOSS = "Validation/loss (epoch)"
 # Added.
 TAG_GRAD_NORM = "Performance/gradient norm, per update_step"
 TAG_LOSS_SCALE = "Performance/loss scale, per update_step"
+TAG_PRODIGY_D = "Performance/Prodigy D (the step size the learning rate multiplies), per update_step"
 TAG_SKIPPED = "Performance/skipped steps (non-finite)"
 
 logger = logging.getLogger("sdxl_trainer")
@@ -127,6 +128,8 @@ class RunLogger:
         self.scalar(TAG_IMGS_PER_SEC, imgs_per_sec, step)
         if extra.get("loss_scale") is not None:
             self.scalar(TAG_LOSS_SCALE, extra["loss_scale"], step)
+        if extra.get("prodigy_d") is not None:
+            self.scalar(TAG_PRODIGY_D, extra["prodigy_d"], step)
         self.last_memory = extra.pop("memory_gib", [])
         for rank, (alloc, peak) in enumerate(self.last_memory):
             if alloc or peak:

@@ -115,6 +115,8 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, torch.Tensor]], weight
         "lr": lr,
         "finite": finite,
         "loss_scale": loss_scale,
+        # Prodigy's own estimate after this step (training/prodigy.py): what users of it watch beside the LR
+        "prodigy_d": tr.optimizer.param_groups[0]["d"] if tr.args.optimizer == "prodigy" else None,
         "stop": any(row["stop"] > 0 for row in table),
         "checkpoint_due": table[0]["checkpoint_due"] > 0,
         "bad_items": int(sum(row["bad_items"] for row in table)),
