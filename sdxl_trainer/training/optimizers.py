@@ -16,7 +16,8 @@ Two things depend on the shard layout and are pinned here:
     (hence rounding) differ between 1 and N processes: tiny differences, not drift. Resume with the same
     number of processes is exact; the checkpoint refuses a different layout for the optimizer state.
 Adafactor factors the second moment over the rows/columns of the LOCAL shard (rows are whole, columns are
-split across ranks), an approximation that also depends on the number of processes.
+split across ranks), an approximation that also depends on the number of processes. Prodigy is not elementwise
+either: its step size comes from sums over every tensor, which training/prodigy.py adds up over the shard group.
 """
 
 from __future__ import annotations
