@@ -51,14 +51,11 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if not args.prodigy_d_coef > 0:
         raise ValueError(f"--prodigy_d_coef must be positive, got {args.prodigy_d_coef}")
-    per_tensor = [
-        flag
-        for flag, on in (
-            ("--master_weights bf16_stochastic", args.master_weights == "bf16_stochastic"),
-            ("--optimizer_step_in_backward", args.optimizer_step_in_backward),
-        )
-        if on
-    ]
+    per_tensor = []
+    if args.master_weights == "bf16_stochastic":
+        per_tensor.append("--master_weights bf16_stochastic")
+    if args.optimizer_step_in_backward:
+        per_tensor.append("--optimizer_step_in_backward")
     if per_tensor:
         raise ValueError(
             f"--optimizer prodigy estimates one step size from all tensors before any moves; "
