@@ -254,6 +254,10 @@ def test_a_step_written_again_is_replaced_whole_and_extra_state_round_trips(tmp_
                                refresh_only=True)  # fmt: skip
     assert shard.stat().st_ino == inode and json.loads((folder / checkpoint.TRAIN_STATE).read_text())["x"] == 1
     assert integrity.verify_checkpoint(folder) == []
+    # Refreshed again with a train state of the same size: the manifest holds the new bytes' hash, not the old.
+    checkpoint.save_checkpoint(tmp_path, 5, info, other, other_opt, other_schedule, None, {**state, "x": 2}, config,
+                               refresh_only=True)  # fmt: skip
+    assert integrity.verify_checkpoint(folder) == []
     # Non-finite weights are refused, loudly, and nothing is written.
     other_opt.master[0] = float("inf")
     with pytest.raises(checkpoint.CheckpointError, match="non-finite"):

@@ -274,11 +274,14 @@ def save_checkpoint(
         (tmp / "rng").mkdir()
     barrier()
     if refresh_only:
-        known = (integrity.read_manifest(final) or {}).get("files", {})
+        # The tensor files' hashes carry over; the train state and config are new (their old hashes would vouch
+        # for the old bytes whenever the new file happens to have the same size).
+        renewed = (TRAIN_STATE, "config.json")
+        known = {rel: meta for rel, meta in (integrity.read_manifest(final) or {}).get("files", {}).items()
+                 if rel not in renewed}  # fmt: skip
         if info.is_main_process:
             for rel in known:
-                if rel not in (TRAIN_STATE, "config.json"):
-                    _link_or_copy(final / rel, tmp / rel)
+                _link_or_copy(final / rel, tmp / rel)
     else:
         known = None
         writer = dcp.HuggingFaceStorageWriter(str(tmp / "model"), save_distributed=True)
