@@ -3,6 +3,9 @@ same weights as the trainer's own save at that step; refusals that name the flag
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,11 +24,12 @@ def _unet(pipeline) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def run(tiny_model_dir, tmp_path_factory):
-    """2 steps on the flat layout, a checkpoint and the final pipeline at step 2."""
+    """2 steps on the flat layout, a checkpoint and the final pipeline at step 2 (the model beside, as `model`)."""
     root = tmp_path_factory.mktemp("export")
+    shutil.copytree(tiny_model_dir, root / "model")
     cache = write_synthetic_cache(root / "cache", {(64, 64): 4})
     out = root / "run"
-    assert sdxl_fsdp_train.main(base_args(tiny_model_dir, cache, out, "--max_train_steps", "2",
+    assert sdxl_fsdp_train.main(base_args(root / "model", cache, out, "--max_train_steps", "2",
                                           "--checkpointing_steps", "2")) == 0  # fmt: skip
     return out
 
@@ -60,9 +64,14 @@ def test_refusals_name_the_flag(run, tmp_path, capsys):
     refused("--checkpoint", str(tmp_path), "--output", str(tmp_path / "o"), says="not a checkpoint folder")
     refused("--checkpoint", str(checkpoint), "--output", str(tmp_path / "o"), "--pretrained_model_name_or_path",
             str(tmp_path / "moved"), says="--pretrained_model_name_or_path")  # fmt: skip
+    other = tmp_path / "other-model"  # the same pipeline with one more transformer layer: other UNet weights
+    shutil.copytree(run.parent / "model", other)
+    config = json.loads((other / "unet" / "config.json").read_text())
+    config["transformer_layers_per_block"] = [1, 3]
+    (other / "unet" / "config.json").write_text(json.dumps(config))
+    refused("--checkpoint", str(checkpoint), "--output", str(tmp_path / "o"), "--pretrained_model_name_or_path",
+            str(other), says="does not hold the weights")  # fmt: skip
     damaged = tmp_path / "damaged"
-    import shutil
-
     shutil.copytree(checkpoint, damaged)
     next((damaged / "model").glob("*.safetensors")).write_bytes(b"")
     refused("--checkpoint", str(damaged), "--output", str(tmp_path / "o"), says="damaged or incomplete")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from sdxl_trainer.models import loading
 from sdxl_trainer.training import checkpoint_integrity as integrity
@@ -34,7 +35,13 @@ def read_unet_weights(checkpoint: Path, pretrained: str) -> dict[str, torch.Tens
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(loading.load_unet_config(pretrained))
     weights = {name: torch.empty(t.shape, dtype=torch.float32) for name, t in unet.state_dict().items()}
-    dcp.load(weights, storage_reader=dcp.HuggingFaceStorageReader(str(checkpoint / "model")))
+    try:
+        dcp.load(weights, storage_reader=dcp.HuggingFaceStorageReader(str(checkpoint / "model")))
+    except (CheckpointException, RuntimeError, ValueError) as exc:
+        raise ExportError(
+            f"--checkpoint {checkpoint} does not hold the weights of {pretrained}'s UNet (another base model? give "
+            f"--pretrained_model_name_or_path the run's): {str(exc)[:300]}"
+        ) from exc
     return weights
 
 
@@ -59,7 +66,7 @@ def export(checkpoint: Path, output: Path, pretrained: str | None = None, vae: s
         weights = read_unet_weights(checkpoint, pretrained)
     except loading.ModelLoadError as exc:
         raise ExportError(f"{exc} (the run's base model; give --pretrained_model_name_or_path if it moved)") from exc
-    dtype_name = weight_dtype or config["weight_dtype"]
+    dtype_name = weight_dtype or config.get("weight_dtype", "float16")
     out = saving.save_pipeline(
         pretrained, weights, output, dtype_name, config.get("prediction_type"), config.get("zero_terminal_snr", False),
         vae=vae or config.get("vae"),
