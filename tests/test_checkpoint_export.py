@@ -60,6 +60,9 @@ def test_refusals_name_the_flag(run, tmp_path, capsys):
 
     (tmp_path / "taken").mkdir()
     refused("--checkpoint", str(checkpoint), "--output", str(tmp_path / "taken"), says="--overwrite")
+    (tmp_path / "file.safetensors").write_bytes(b"mine")  # the single file beside a new --output
+    refused("--checkpoint", str(checkpoint), "--output", str(tmp_path / "file"), "--single_file", says="--overwrite")
+    assert (tmp_path / "file.safetensors").read_bytes() == b"mine"
     refused("--checkpoint", str(checkpoint), "--output", str(checkpoint / "x"), says="never written to")
     refused("--checkpoint", str(tmp_path), "--output", str(tmp_path / "o"), says="not a checkpoint folder")
     refused("--checkpoint", str(checkpoint), "--output", str(tmp_path / "o"), "--pretrained_model_name_or_path",

@@ -58,8 +58,9 @@ def export(checkpoint: Path, output: Path, pretrained: str | None = None, vae: s
         raise ExportError(f"--checkpoint {checkpoint} is damaged or incomplete:\n  " + "\n  ".join(problems))
     if output.resolve().is_relative_to(checkpoint.resolve()):
         raise ExportError(f"--output {output} is inside --checkpoint {checkpoint}, which is never written to")
-    if output.exists() and not overwrite:
-        raise ExportError(f"--output {output} exists: give --overwrite to replace it, or another folder")
+    for path in [output, *([output.with_name(output.name + ".safetensors")] if single_file else [])]:
+        if path.exists() and not overwrite:
+            raise ExportError(f"{path} exists (--output): give --overwrite to replace it, or another --output")
     pretrained = pretrained or config["pretrained_model_name_or_path"]
     loading.set_single_file_config(config.get("single_file_config"))
     try:
