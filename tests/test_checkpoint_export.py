@@ -8,18 +8,14 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from train_helpers import base_args, write_synthetic_cache
+from train_helpers import base_args, safetensors_in, write_synthetic_cache
 
 import export_checkpoint
 import sdxl_fsdp_train
 
 
 def _unet(pipeline) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted((pipeline / "unet").glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
+    return safetensors_in(pipeline / "unet")
 
 
 @pytest.fixture(scope="module")

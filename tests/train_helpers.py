@@ -110,14 +110,19 @@ def optimizer_steps(model: torch.nn.Module, opt, batches, micro_batches: int = 1
     return losses
 
 
-def checkpoint_weights(step_dir: Path) -> dict[str, torch.Tensor]:
-    """The weights a checkpoint folder's model/ holds (every safetensors shard)."""
+def safetensors_in(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's safetensors files (a pipeline's unet/, a checkpoint's model/)."""
     from safetensors.torch import load_file
 
     out = {}
-    for f in sorted((step_dir / "model").glob("*.safetensors")):
+    for f in sorted(folder.glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out
+
+
+def checkpoint_weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint folder's model/ holds (every safetensors shard)."""
+    return safetensors_in(step_dir / "model")
 
 
 def assert_resume_is_exact(train, full: Path, resumed: Path, stop_step: int = 2) -> tuple[list[dict], dict]:

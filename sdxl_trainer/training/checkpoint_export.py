@@ -29,12 +29,8 @@ class ExportError(RuntimeError):
 
 def read_unet_weights(checkpoint: Path, pretrained: str) -> dict[str, torch.Tensor]:
     """The checkpoint's UNet weights in fp32 on the CPU, whatever process layout wrote them."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(loading.load_unet_config(pretrained))
-    weights = {name: torch.empty(t.shape, dtype=torch.float32) for name, t in unet.state_dict().items()}
+    shapes = saving.empty_unet(pretrained).state_dict()
+    weights = {name: torch.empty(t.shape, dtype=torch.float32) for name, t in shapes.items()}
     try:
         dcp.load(weights, storage_reader=dcp.HuggingFaceStorageReader(str(checkpoint / "model")))
     except (CheckpointException, RuntimeError, ValueError) as exc:

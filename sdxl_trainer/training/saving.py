@@ -58,14 +58,18 @@ def remove_handoff(handoff_dir: Path) -> None:
         pass  # not empty (the user's own folder) or already gone
 
 
-def _unet_from_state_dict(pretrained: str, full_state_dict: dict[str, torch.Tensor], dtype: torch.dtype):
-    """The base UNet's architecture with the trained weights in `dtype`, built without loading base weights."""
+def empty_unet(pretrained: str):
+    """The base UNet's architecture on the meta device: shapes and names, no weights loaded or allocated."""
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    config = loading.load_unet_config(pretrained)
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(config)
+        return UNet2DConditionModel.from_config(loading.load_unet_config(pretrained))
+
+
+def _unet_from_state_dict(pretrained: str, full_state_dict: dict[str, torch.Tensor], dtype: torch.dtype):
+    """The base UNet's architecture with the trained weights in `dtype`, built without loading base weights."""
+    unet = empty_unet(pretrained)
     unet.load_state_dict({k: v.to(dtype) for k, v in full_state_dict.items()}, strict=True, assign=True)
     return unet
 
